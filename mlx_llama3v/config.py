@@ -18,6 +18,25 @@ FAMILIES = ("minicpm_v2_5", "siglip_llama3", "bunny")
 PROJECTOR_KINDS = ("resampler", "attention", "mlp2x_gelu")
 
 
+def normalize_text_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A Llama ``config.json`` dict in the form mlx-lm's Llama reads.
+
+    transformers >= 5 writes ``rope_parameters`` (with ``rope_theta`` inside) where
+    older checkpoints have ``rope_theta`` and ``rope_scaling``; accept both.
+    """
+    config = dict(config)
+    config.setdefault("model_type", "llama")
+    rope = config.pop("rope_parameters", None)
+    if rope:
+        rope = dict(rope)
+        config.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            config.setdefault("rope_scaling", rope)
+    if config.get("rope_scaling") is None:
+        config.pop("rope_scaling", None)
+    return config
+
+
 @dataclass
 class VisionConfig(BaseModelArgs):
     """A SigLIP vision tower.
@@ -132,9 +151,7 @@ class ModelConfig(BaseModelArgs):
         if isinstance(self.projector_config, dict):
             self.projector_config = ProjectorConfig.from_dict(self.projector_config)
         if isinstance(self.text_config, dict):
-            text = dict(self.text_config)
-            text.setdefault("model_type", "llama")
-            self.text_config = TextConfig.from_dict(text)
+            self.text_config = TextConfig.from_dict(normalize_text_config(self.text_config))
         if self.text_config is None:
             raise ValueError("text_config is required")
         proj, vis, text = self.projector_config, self.vision_config, self.text_config

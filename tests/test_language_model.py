@@ -1,0 +1,58 @@
+"""mlx-lm's Llama (reused, not rewritten) against transformers' LlamaForCausalLM."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_llama3v.config import ModelConfig, TextConfig, normalize_text_config
+from references import LLAMA31_ROPE, TEXT, assert_close, hf_llama, to_mlx
+
+
+def mlx_llama(hf_model, hf_config):
+    # the config as transformers >= 5 writes it (rope_parameters), as a converter sees it
+    model = llama.Model(TextConfig.from_dict(normalize_text_config(hf_config.to_dict())))
+    model.load_weights(list(model.sanitize(to_mlx(hf_model.state_dict())).items()), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA31_ROPE], ids=["llama3", "llama3.1-rope"])
+def test_llama_logits_match_transformers(rope_scaling):
+    hf, cfg = hf_llama(rope_scaling=rope_scaling)
+    model = mlx_llama(hf, cfg)
+    if rope_scaling:
+        assert model.args.rope_scaling["rope_type"] == "llama3"
+    ids = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (2, 48))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits
+    assert_close(model(mx.array(ids)), ref)
+
+
+def test_rope_scaling_changes_the_result():
+    # guards the test above: with positions past original_max_position_embeddings
+    # the llama3 scaling must matter, or that test would not check it
+    hf, cfg = hf_llama(rope_scaling=LLAMA31_ROPE)
+    plain = hf_llama(rope_scaling=None)[0]
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, TEXT["vocab_size"], (1, 48)))
+    with torch.no_grad():
+        assert (hf(ids).logits - plain(ids).logits).abs().max() > 1e-3
+
+
+def test_legacy_rope_keys_are_read():
+    cfg = normalize_text_config(dict(TEXT, rope_theta=5e5, rope_scaling=LLAMA31_ROPE))
+    assert cfg["rope_theta"] == 5e5 and cfg["rope_scaling"] == LLAMA31_ROPE
+    new = normalize_text_config(dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+    assert new["rope_theta"] == 5e5 and "rope_scaling" not in new
+
+
+def test_cached_decode_equals_full_forward():
+    hf, cfg = hf_llama(rope_scaling=LLAMA31_ROPE)
+    model = mlx_llama(hf, cfg)
+    ids = mx.array(np.random.default_rng(2).integers(0, TEXT["vocab_size"], (1, 30)))
+    full = model(ids)
+    cache = make_prompt_cache(model)
+    steps = [model(ids[:, :20], cache=cache)]
+    steps += [model(ids[:, i : i + 1], cache=cache) for i in range(20, 30)]
+    assert_close(mx.concatenate(steps, axis=1), np.array(full))

@@ -1,0 +1,128 @@
+"""SigLIP and NaViT towers against transformers, float32, same random weights."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_llama3v.config import VisionConfig
+from mlx_llama3v.models.vision import VisionTower, make_tile_batch, navit_position_ids
+from references import (
+    NAVIT,
+    SIGLIP,
+    assert_close,
+    hf_navit,
+    hf_siglip,
+    padded_nchw,
+    random_tiles,
+    strip_nchw,
+    to_mlx,
+    valid_rows,
+)
+
+
+def mlx_tower(hf_model, **config):
+    tower = VisionTower(VisionConfig.from_dict(config))
+    tower.load_weights(list(tower.sanitize(to_mlx(hf_model.state_dict())).items()), strict=True)
+    return tower
+
+
+@pytest.mark.parametrize("feature_layer", [None, -2, 1])
+def test_siglip_matches_transformers(feature_layer):
+    hf = hf_siglip()
+    tower = mlx_tower(hf, **SIGLIP, variant="siglip", feature_layer=feature_layer)
+    tiles = random_tiles([(6, 6)] * 3, SIGLIP["patch_size"])
+    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        out = hf(pixel_values=x, output_hidden_states=True)
+    ref = out.last_hidden_state if feature_layer is None else out.hidden_states[feature_layer]
+    assert_close(tower(make_tile_batch(tiles, tower.config)), ref)
+
+
+def test_siglip_rejects_wrong_tile_size():
+    tower = VisionTower(VisionConfig.from_dict(dict(SIGLIP, variant="siglip")))
+    with pytest.raises(ValueError, match="SigLIP takes 24x24 tiles"):
+        make_tile_batch(random_tiles([(5, 6)], 4), tower.config)
+
+
+def test_feature_layer_builds_only_needed_layers():
+    cfg = VisionConfig.from_dict(dict(SIGLIP, feature_layer=-2))
+    tower = VisionTower(cfg)
+    assert len(tower.encoder.layers) == SIGLIP["num_hidden_layers"] - 1
+    assert "post_layernorm" not in tower
+    with pytest.raises(ValueError, match="outside hidden_states"):
+        VisionConfig.from_dict(dict(SIGLIP, feature_layer=9))
+
+
+def test_sanitize_drops_only_unused_weights():
+    hf = hf_siglip()
+    tower = VisionTower(VisionConfig.from_dict(dict(SIGLIP, feature_layer=-2)))
+    weights = tower.sanitize(to_mlx(hf.state_dict()))
+    assert not any(k.startswith(("head.", "post_layernorm.")) for k in weights)
+    assert not any(k.startswith("encoder.layers.2.") for k in weights)
+    tower.load_weights(list(weights.items()), strict=True)  # nothing missing
+
+
+GRIDS = [(3, 5), (4, 4), (2, 7), (5, 2)]
+
+
+def test_navit_padded_batch_matches_idefics2():
+    hf = hf_navit()
+    tower = mlx_tower(hf, **NAVIT, variant="navit")
+    tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=1)
+    x, mask = padded_nchw(tiles, NAVIT["patch_size"])
+    with torch.no_grad():
+        ref = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
+    batch = make_tile_batch(tiles, tower.config)
+    assert batch.padded
+    out = tower(batch)
+    for i, (r, n) in enumerate(zip(valid_rows(ref, mask), batch.lengths)):
+        assert_close(out[i, :n], r)
+
+
+def test_navit_strip_layout_matches_idefics2_fed_strips():
+    hf = hf_navit()
+    tower = mlx_tower(hf, **NAVIT, variant="navit", strip_positions=True)
+    tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=2)
+    x, mask = strip_nchw(tiles, NAVIT["patch_size"])
+    with torch.no_grad():
+        ref = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
+    batch = make_tile_batch(tiles, tower.config)
+    out = tower(batch)
+    for i, (r, n) in enumerate(zip(valid_rows(ref, mask), batch.lengths)):
+        assert_close(out[i, :n], r)
+
+
+def _idefics2_position_ids(num_per_side, mask):
+    """Read transformers' position ids off its embeddings: table row i = i, no patches."""
+    from transformers import Idefics2VisionConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings
+
+    cfg = Idefics2VisionConfig(hidden_size=1, image_size=num_per_side, patch_size=1)
+    emb = Idefics2VisionEmbeddings(cfg)
+    with torch.no_grad():
+        emb.patch_embedding.weight.zero_()
+        emb.patch_embedding.bias.zero_()
+        emb.position_embedding.weight.copy_(torch.arange(num_per_side**2.0)[:, None])
+        x = torch.zeros(mask.shape[0], 3, mask.shape[1], mask.shape[2])
+        return emb(x, mask)[..., 0].round().long()
+
+
+@pytest.mark.parametrize("num_per_side", [70, 10])
+def test_bucketized_position_ids_match_transformers_exhaustively(num_per_side):
+    # 70: MiniCPM's table; every strip length a tile of up to ~470x470 px can have
+    for L in range(1, 1100, 1 if num_per_side == 70 else 7):
+        mask = torch.ones(1, 1, L, dtype=torch.bool)
+        ref = _idefics2_position_ids(num_per_side, mask)[0].numpy()
+        np.testing.assert_array_equal(navit_position_ids(1, L, num_per_side), ref, err_msg=f"L={L}")
+    for rows in range(1, 40, 3):
+        for cols in range(1, 40, 5):
+            mask = torch.ones(1, rows, cols, dtype=torch.bool)
+            ref = _idefics2_position_ids(num_per_side, mask)[0].numpy()
+            np.testing.assert_array_equal(navit_position_ids(rows, cols, num_per_side), ref)
+
+
+def test_tile_not_whole_patches_is_a_clear_error():
+    cfg = VisionConfig.from_dict(dict(NAVIT, variant="navit"))
+    with pytest.raises(ValueError, match="not a whole number of 4px patches"):
+        make_tile_batch([np.zeros((10, 8, 3), np.float32)], cfg)
