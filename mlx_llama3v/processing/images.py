@@ -91,16 +91,15 @@ def _decode(fp, name: str, size: int, max_pixels) -> Image.Image:
         raise ImageError(f"{name}: not a recognised image (unknown format or corrupt file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{name}: cannot read image ({_one_line(e)})") from None
-    _check_pixels(img.size, name, max_pixels)
-    try:
-        img.load()
-    except Exception as e:  # Pillow's decoders raise a variety of types on bad data
-        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
     return _finish(img, name, max_pixels)
 
 
 def _finish(img: Image.Image, name: str, max_pixels) -> Image.Image:
-    _check_pixels(img.size, name, max_pixels)
+    _check_pixels(img.size, name, max_pixels)  # before decoding: Image.open read the header only
+    try:
+        img.load()
+    except Exception as e:  # Pillow's decoders raise a variety of types on bad data
+        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:

@@ -44,7 +44,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..config import FAMILIES
 from .images import MAX_IMAGE_PIXELS, load_image
 from .slicing import Grid, choose_grid, slice_image, split_to_tiles
 
@@ -69,6 +68,7 @@ _COMMON = {
     "system_prompt": None,
 }
 
+# keyed by config.FAMILIES (not imported: that would pull in mlx for image preprocessing)
 _FAMILY = {
     "minicpm_v2_5": {"image_size": 448, "slice": True, "tokens_per_tile": 96},
     "siglip_llama3": {
@@ -102,8 +102,8 @@ _ALIASES = {
 
 def default_processor_config(family: str) -> Dict[str, Any]:
     """The full processor_config of ``family`` with every key at its default."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+    if family not in _FAMILY:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(_FAMILY)})")
     return {"family": family, **_COMMON, **_FAMILY[family]}
 
 
