@@ -122,7 +122,15 @@ def test_bucketized_position_ids_match_transformers_exhaustively(num_per_side):
             np.testing.assert_array_equal(navit_position_ids(rows, cols, num_per_side), ref)
 
 
-def test_tile_not_whole_patches_is_a_clear_error():
+def test_pixels_past_the_last_patch_are_ignored_like_a_valid_conv():
+    hf = hf_siglip()
+    tower = mlx_tower(hf, **SIGLIP, variant="siglip")
+    tiles = random_tiles([(6, 6)], SIGLIP["patch_size"])
+    ragged = [np.pad(tiles[0], ((0, 3), (0, 2), (0, 0)), constant_values=5.0)]  # 27x26 px
+    x = torch.from_numpy(np.stack(ragged)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state
+    assert_close(tower(make_tile_batch(ragged, tower.config)), ref)
     cfg = VisionConfig.from_dict(dict(NAVIT, variant="navit"))
-    with pytest.raises(ValueError, match="not a whole number of 4px patches"):
-        make_tile_batch([np.zeros((10, 8, 3), np.float32)], cfg)
+    with pytest.raises(ValueError, match="smaller than one 4px patch"):
+        make_tile_batch([np.zeros((3, 8, 3), np.float32)], cfg)

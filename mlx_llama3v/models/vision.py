@@ -121,16 +121,18 @@ class Embeddings(nn.Module):
 
 
 def patchify(tile, patch_size: int) -> np.ndarray:
-    """(H, W, C) channels-last tile -> (H/p * W/p, p*p*C) rows, patches row-major.
+    """(H, W, C) channels-last tile -> (H//p * W//p, p*p*C) rows, patches row-major.
 
-    The row layout (kh, kw, C) matches MLX's Conv2d weight (out, kh, kw, C).
+    The row layout (kh, kw, C) matches MLX's Conv2d weight (out, kh, kw, C). As in
+    a "valid" convolution, pixels past the last whole patch are ignored (SigLIP's
+    384 px input is 27 patches of 14 px plus 6 unused pixels).
     """
     tile = np.asarray(tile, dtype=np.float32)
-    H, W, C = tile.shape
     p = patch_size
-    if H % p or W % p or H == 0 or W == 0:
-        raise ValueError(f"tile of {W}x{H} pixels is not a whole number of {p}px patches")
-    x = tile.reshape(H // p, p, W // p, p, C).transpose(0, 2, 1, 3, 4)
+    h, w, C = tile.shape[0] // p, tile.shape[1] // p, tile.shape[2]
+    if h == 0 or w == 0:
+        raise ValueError(f"tile of {tile.shape[1]}x{tile.shape[0]} pixels is smaller than one {p}px patch")
+    x = tile[: h * p, : w * p].reshape(h, p, w, p, C).transpose(0, 2, 1, 3, 4)
     return x.reshape(-1, p * p * C)
 
 
