@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from contextlib import contextmanager
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -23,6 +24,7 @@ _CANDIDATES = (
 )
 
 loaded: str | None = None
+_handle = None
 
 
 def find_openblas() -> str | None:
@@ -37,14 +39,30 @@ def find_openblas() -> str | None:
 
 def use_fast_blas() -> str | None:
     """Open OpenBLAS globally if this is Linux and MLX is not imported yet."""
-    global loaded
+    global loaded, _handle
     if loaded or not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return loaded
     path = find_openblas()
     if path:
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             loaded = path
         except OSError:
             loaded = None
     return loaded
+
+
+@contextmanager
+def single_threaded():
+    """Run OpenBLAS on one thread inside the block (for work split over CPU streams)."""
+    setter = getattr(_handle, "openblas_set_num_threads", None)
+    getter = getattr(_handle, "openblas_get_num_threads", None)
+    if setter is None or getter is None:
+        yield
+        return
+    before = getter()
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)

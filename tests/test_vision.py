@@ -134,3 +134,28 @@ def test_pixels_past_the_last_patch_are_ignored_like_a_valid_conv():
     cfg = VisionConfig.from_dict(dict(NAVIT, variant="navit"))
     with pytest.raises(ValueError, match="smaller than one 4px patch"):
         make_tile_batch([np.zeros((3, 8, 3), np.float32)], cfg)
+
+
+def test_balanced_groups_cover_every_tile_once_and_keep_sizes_together():
+    from mlx_llama3v.models.parallel import balanced_groups
+
+    sizes = [1024, 256, 1024, 1024, 256, 900, 1024]
+    groups = balanced_groups(sizes, 2)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert len(groups) == 2
+    loads = [sum(sizes[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= max(sizes)
+    assert balanced_groups([5], 4) == [[0]]
+
+
+def test_parallel_encode_equals_one_padded_batch():
+    hf = hf_navit()
+    tower = mlx_tower(hf, **NAVIT, variant="navit", strip_positions=True)
+    tiles = random_tiles(GRIDS + [(4, 4), (3, 5)], NAVIT["patch_size"], seed=3)
+    whole = tower(make_tile_batch(tiles, tower.config))
+    groups = tower.encode(tiles)
+    assert len(groups) > 1 or mx.default_device() != mx.cpu
+    for idx, batch, feats in groups:
+        for row, i in enumerate(idx):
+            n = batch.lengths[row]
+            np.testing.assert_allclose(feats[row, :n], whole[i, :n], atol=1e-5, rtol=1e-5)

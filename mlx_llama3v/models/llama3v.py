@@ -14,7 +14,7 @@ maps each source family's names onto these.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,7 +23,7 @@ from mlx_lm.models import llama
 
 from ..config import ModelConfig
 from .projector import build_projector
-from .vision import TileBatch, VisionTower, make_tile_batch
+from .vision import TileBatch, VisionTower
 
 PARTS = ("vision_tower", "projector", "language_model")
 
@@ -36,9 +36,9 @@ class Model(nn.Module):
         self.projector = build_projector(config.projector_config)
         self.language_model = llama.Model(config.text_config)
 
-    def vision_features(self, batch: TileBatch) -> mx.array:
-        """Vision-tower features before the projector, (tiles, patches, width)."""
-        return self.vision_tower(batch)
+    def encode_tiles(self, tiles: Sequence) -> List[Tuple[List[int], TileBatch, mx.array]]:
+        """Evaluated vision features, grouped; see ``VisionTower.encode``."""
+        return self.vision_tower.encode(tiles)
 
     def project(self, features: mx.array, batch: TileBatch) -> List[mx.array]:
         """Projected LM-width rows for each tile, padding removed."""
@@ -49,8 +49,11 @@ class Model(nn.Module):
 
     def encode_images(self, tiles: Sequence) -> List[mx.array]:
         """Channels-last, normalised tiles -> one (tokens, LM width) array per tile."""
-        batch = make_tile_batch(tiles, self.config.vision_config)
-        return self.project(self.vision_features(batch), batch)
+        out: List[Optional[mx.array]] = [None] * len(tiles)
+        for group, batch, feats in self.encode_tiles(tiles):
+            for i, rows in zip(group, self.project(feats, batch)):
+                out[i] = rows
+        return out
 
     def get_input_embeddings(
         self,

@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import VisionConfig
+from .parallel import balanced_groups, cpu_workers, map_evaluated
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -240,6 +241,20 @@ class VisionTower(nn.Module):
         if self.config.use_post_layernorm:
             x = self.post_layernorm(x)
         return x
+
+    def encode(self, tiles: Sequence) -> List[Tuple[List[int], TileBatch, mx.array]]:
+        """Evaluated features for tiles, as (tile indices, batch, features) groups.
+
+        On the CPU the groups run concurrently, one per core (see ``parallel``);
+        each group holds tiles of similar size to keep padding low. The tower is
+        frozen, so its features carry no gradient.
+        """
+        p = self.config.patch_size
+        sizes = [(np.shape(t)[0] // p) * (np.shape(t)[1] // p) for t in tiles]
+        groups = balanced_groups(sizes, cpu_workers())
+        batches = [make_tile_batch([tiles[i] for i in g], self.config) for g in groups]
+        feats = map_evaluated(lambda k: mx.stop_gradient(self(batches[k])), range(len(groups)))
+        return list(zip(groups, batches, feats))
 
     def sanitize(self, weights: dict) -> dict:
         """Map a transformers SigLIP / Idefics2 vision state dict onto this tower.
