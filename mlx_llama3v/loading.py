@@ -1,0 +1,140 @@
+"""Load a converted model and its processor: ``model, processor = load(path_or_repo)``.
+
+A converted folder (config.json with a ``family``) loads as it is: quantized layers
+are rebuilt where the weights carry ``.scales`` (as mlx-lm's loader does) and the
+weights are loaded strictly, with no ``sanitize``: no tensor may be missing or left
+over. A Hugging Face checkpoint (folder or repo id) is converted first, in float16,
+into a cache folder (``$MLX_LLAMA3V_CACHE`` or ``~/.cache/mlx_llama3v``) and loaded
+from there; later calls reuse the cached conversion.
+
+The processor is the tokenizer (``PreTrainedTokenizerFast``; remote code is never
+run) with the ``processor_config`` saved in config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import _download, infer_quant_config, load_config
+from transformers import PreTrainedTokenizerFast
+
+from . import convert as converter
+from .config import FAMILIES, ModelConfig
+from .models.llama3v import Model
+from .processing import PromptInputs, build_prompt
+
+CACHE_ENV = "MLX_LLAMA3V_CACHE"
+
+
+@dataclass
+class Processor:
+    """Turns conversations with images into model input (``processing.build_prompt``)."""
+
+    tokenizer: Any
+    config: Dict[str, Any]
+
+    def __call__(
+        self,
+        messages: Sequence[Dict[str, Any]],
+        images: Optional[Sequence[Any]] = None,
+        add_generation_prompt: bool = True,
+    ) -> PromptInputs:
+        return build_prompt(messages, self.tokenizer, self.config, images, add_generation_prompt)
+
+
+def load(
+    path_or_repo: str, adapter_path: Optional[str] = None, *, lazy: bool = False
+) -> Tuple[Model, Processor]:
+    """The model and processor of a converted folder, or of a checkpoint converted on the fly."""
+    if adapter_path is not None:
+        raise NotImplementedError(
+            "adapter_path: LoRA adapters are not supported yet (no adapter format is defined)"
+        )
+    path = _local_or_download(str(path_or_repo))
+    if not is_converted(path):
+        path = _convert_to_cache(str(path_or_repo), path)
+    return load_converted(path, lazy=lazy)
+
+
+def is_converted(path: Path) -> bool:
+    try:
+        with open(path / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return config.get("family") in FAMILIES and "text_config" in config
+
+
+def load_converted(path: Path, lazy: bool = False) -> Tuple[Model, Processor]:
+    """A converted folder, loaded strictly (no ``sanitize``: its tensors are the model's)."""
+    path = Path(path)
+    config = load_config(path)
+    model = Model(ModelConfig.from_dict(config))
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {path}")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    if config.get("quantization"):
+        _quantize_like(model, config["quantization"], weights)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return model, Processor(tokenizer, model.config.processor_config)
+
+
+def _quantize_like(model: Model, quantization: dict, weights: dict) -> None:
+    """Quantize the layers the saved weights hold quantized, as mlx-lm's loader does."""
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/mlx_llama3v").expanduser()
+
+
+def _local_or_download(path_or_repo: str) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        return path
+    return _download(path_or_repo)
+
+
+def _convert_to_cache(name: str, source: Path) -> Path:
+    """Convert a Hugging Face checkpoint once into the cache (float16, unquantized)."""
+    target = cache_dir() / _cache_name(name, source)
+    if not is_converted(target):
+        converter.convert(str(source), target, force=target.exists())
+    return target
+
+
+def _cache_name(name: str, source: Path) -> str:
+    """Readable and unique: the repo id, or a local folder's name plus a path hash."""
+    if not Path(name).expanduser().exists():
+        return name.replace("/", "--")
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', source.resolve().name)}-{digest}"
