@@ -200,6 +200,21 @@ def test_siglip_llama3_layout(tok):
     assert tiled.input_ids.tolist() == enc(tok, text)
 
 
+def test_siglip_llama3_wraps_only_user_text(tok):
+    cfg = {"family": "siglip_llama3"}
+    turns = [_user(None, "Describe it."), {"role": "assistant", "content": "A cat."},
+             {"role": "user", "content": "Sure?"}]
+    out = build_prompt(turns, tok, cfg, images=[_noise(50, 40)])
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+        + _block(729) + "<text>Describe it.</text><|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<text>Sure?</text><|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert out.input_ids.tolist() == enc(tok, text)
+
+
 BUNNY = {"family": "bunny"}
 IMG_TOKEN = "<|reserved_special_token_0|>"
 

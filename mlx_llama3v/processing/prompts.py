@@ -83,7 +83,7 @@ def build_prompt(
     processed = [preprocess_image(src, cfg, max_pixels=max_pixels) for src in sources]
     special = _special_ids(tokenizer, cfg, processed)
     placeholders = [_placeholder(p, cfg) for p in processed]
-    rendered = [(role, _render_content(parts, placeholders, cfg)) for role, parts in turns]
+    rendered = [(role, _render_content(role, parts, placeholders, cfg)) for role, parts in turns]
     if cfg["family"] == "bunny":
         text = _bunny_conversation(rendered, cfg, add_generation_prompt)
     else:
@@ -200,8 +200,9 @@ def _placeholder(image: ProcessedImage, cfg) -> str:
     return block + cfg["slice_start"] + grid + cfg["slice_end"]
 
 
-def _render_content(parts, placeholders: List[str], cfg) -> str:
-    if cfg["family"] == "siglip_llama3":
+def _render_content(role: str, parts, placeholders: List[str], cfg) -> str:
+    # the article's layout wraps the user's text in <text>...</text>; answers stay plain
+    if cfg["family"] == "siglip_llama3" and role == "user":
         return "".join(
             placeholders[v] if kind == "image" else cfg["text_start"] + v + cfg["text_end"]
             for kind, v in parts
