@@ -10,28 +10,26 @@ Rows:
 Also prints the machine's float32 matmul peak (best of a large MLX and numpy
 matmul) and the share of it each MLX row achieves. "MLX" is the product path
 (``VisionTower.encode``: tiles split over one CPU stream per core); "1-stream" is
-one plain batched forward. Float32 throughout (MLX's CPU
-float16 matmuls are slow). Run: ``python benchmarks/vision.py [--batch 2]``.
+one plain batched forward. PyTorch runs in a child process that never imports
+``mlx_llama3v``: the OpenBLAS that package opens globally for MLX would otherwise
+also serve PyTorch's BLAS calls. Both sides build the same weights from the same
+seeds. Float32 throughout (MLX's CPU float16 matmuls are slow).
+Run: ``python benchmarks/vision.py [--batch 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import mlx_llama3v  # noqa: F401  (optimised BLAS for MLX on Linux, before mlx.core)
-import mlx.core as mx
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from references import TorchResampler, randomize, strip_nchw, to_mlx  # noqa: E402
-
-from mlx_llama3v.config import ProjectorConfig, VisionConfig  # noqa: E402
-from mlx_llama3v.models.projector import build_projector  # noqa: E402
-from mlx_llama3v.models.vision import VisionTower, make_tile_batch  # noqa: E402
 
 SO400M = dict(
     hidden_size=1152,
@@ -55,6 +53,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def matmul_peak(n: int = 3072) -> float:
+    import mlx.core as mx
+
     a = mx.random.normal((n, n))
     b = mx.random.normal((n, n))
     mx.eval(a, b)
@@ -69,91 +69,144 @@ def encoder_flops(tokens: int, width: int, mlp: int, layers: int, patch_in: int)
     return layers * per_layer + 2 * tokens * patch_in * width
 
 
-def bench_siglip(batch: int, repeats: int):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+def tiles_for(kind: str, batch: int):
+    side = 384 if kind == "siglip" else 448
+    return [np.random.default_rng(i).uniform(-1, 1, (side, side, 3)).astype(np.float32) for i in range(batch)]
 
-    cfg = SiglipVisionConfig(**SO400M, image_size=384)
-    cfg._attn_implementation = "sdpa"
+
+def torch_model(kind: str, batch: int):
+    """(forward function, modules) of the PyTorch side, weights fixed by seeds."""
+    import torch
+    from references import TorchResampler, randomize, strip_nchw
+
     torch.manual_seed(0)
-    hf = SiglipVisionModel(cfg).eval()
-    tower = VisionTower(VisionConfig.from_dict(dict(SO400M, image_size=384)))
-    tower.load_weights(list(tower.sanitize(to_mlx(hf.state_dict())).items()), strict=True)
-    mx.eval(tower.parameters())
+    tiles = tiles_for(kind, batch)
+    if kind == "siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    tiles = [np.random.default_rng(i).uniform(-1, 1, (384, 384, 3)).astype(np.float32) for i in range(batch)]
-    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+        cfg = SiglipVisionConfig(**SO400M, image_size=384)
+        cfg._attn_implementation = "sdpa"
+        hf = SiglipVisionModel(cfg).eval()
+        x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
-    def run_one_stream():
-        return tower(make_tile_batch(tiles, tower.config))
+        @torch.inference_mode()
+        def run():
+            return hf(pixel_values=x).last_hidden_state
 
-    def run_mlx():
-        return mx.concatenate([f for _, _, f in tower.encode(tiles)])
-
-    @torch.inference_mode()
-    def run_torch():
-        return hf(pixel_values=x).last_hidden_state
-
-    flops = batch * encoder_flops(729, 1152, 4304, 27, 3 * 14 * 14)
-    check = np.abs(np.array(run_one_stream()) - run_torch().numpy()).max()
-    times = [timed(lambda: mx.eval(run_mlx()), repeats), timed(lambda: mx.eval(run_one_stream()), repeats)]
-    return "SigLIP-so400m 384px", batch, *times, timed(run_torch, repeats), flops, check
-
-
-def bench_minicpm_tile(batch: int, repeats: int):
+        return run, (hf,)
     from transformers import Idefics2VisionConfig
     from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
     cfg = Idefics2VisionConfig(**SO400M, image_size=980)
     cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     hf = Idefics2VisionTransformer(cfg).eval()
     ref = randomize(TorchResampler(96, 4096, 1152), seed=1)
-    vcfg = VisionConfig.from_dict(dict(SO400M, image_size=980, variant="navit", strip_positions=True))
-    tower = VisionTower(vcfg)
-    tower.load_weights(list(tower.sanitize(to_mlx(hf.state_dict())).items()), strict=True)
-    proj = build_projector(ProjectorConfig(kind="resampler", num_queries=96))
-    proj.load_weights(list(proj.sanitize(to_mlx(ref.state_dict())).items()), strict=True)
-    mx.eval(tower.parameters(), proj.parameters())
-
-    tiles = [np.random.default_rng(i).uniform(-1, 1, (448, 448, 3)).astype(np.float32) for i in range(batch)]
     xs, mask = strip_nchw(tiles, 14)
 
-    def run_one_stream():
-        b = make_tile_batch(tiles, vcfg)
-        return proj(tower(b), b)
-
-    def run_mlx():
-        return mx.concatenate([proj(f, b) for _, b, f in tower.encode(tiles)])
-
     @torch.inference_mode()
-    def run_torch():
+    def run():
         h = hf(pixel_values=xs, patch_attention_mask=mask).last_hidden_state
         return ref(h, [(32, 32)] * batch)
 
-    flops = batch * (
+    return run, (hf, ref)
+
+
+def torch_worker(kind: str, batch: int, repeats: int, out: str) -> None:
+    run, _ = torch_model(kind, batch)
+    seconds = timed(run, repeats)
+    np.save(out, run().numpy())
+    print(json.dumps({"seconds": seconds}))
+
+
+def torch_side(kind: str, batch: int, repeats: int):
+    """Best time and output of the PyTorch side, measured in a clean child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/out.npy"
+        cmd = [sys.executable, __file__, "--torch-worker", kind, "--batch", str(batch),
+               "--repeats", str(repeats), "--out", out]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])["seconds"], np.load(out)
+
+
+def mlx_side(kind: str, batch: int):
+    """(product path, one-stream path) of the MLX side, on the PyTorch side's weights."""
+    import mlx.core as mx
+    from references import to_mlx
+
+    from mlx_llama3v.config import ProjectorConfig, VisionConfig
+    from mlx_llama3v.models.projector import build_projector
+    from mlx_llama3v.models.vision import VisionTower, make_tile_batch
+
+    _, modules = torch_model(kind, batch)
+    tiles = tiles_for(kind, batch)
+    if kind == "siglip":
+        tower = VisionTower(VisionConfig.from_dict(dict(SO400M, image_size=384)))
+        project = lambda f, b: f
+    else:
+        cfg = dict(SO400M, image_size=980, variant="navit", strip_positions=True)
+        tower = VisionTower(VisionConfig.from_dict(cfg))
+        proj = build_projector(ProjectorConfig(kind="resampler", num_queries=96))
+        proj.load_weights(list(proj.sanitize(to_mlx(modules[1].state_dict())).items()), strict=True)
+        project = proj
+    tower.load_weights(list(tower.sanitize(to_mlx(modules[0].state_dict())).items()), strict=True)
+    mx.eval(tower.parameters())
+    if kind != "siglip":
+        mx.eval(proj.parameters())
+
+    def product():
+        return mx.concatenate([project(f, b) for _, b, f in tower.encode(tiles)])
+
+    def one_stream():
+        b = make_tile_batch(tiles, tower.config)
+        return project(tower(b), b)
+
+    return product, one_stream
+
+
+def flops_of(kind: str, batch: int) -> float:
+    if kind == "siglip":
+        return batch * encoder_flops(729, 1152, 4304, 27, 3 * 14 * 14)
+    return batch * (
         encoder_flops(1024, 1152, 4304, 27, 3 * 14 * 14)
         + 2 * 1024 * 1152 * 4096  # kv_proj
         + 2 * 2 * 1024 * 4096 * 4096  # k, v in-projections
         + 4 * 96 * 1024 * 4096  # attention
         + 2 * 96 * 4096 * 4096 * 3  # q in-proj, out_proj, proj
     )
-    times = [timed(lambda: mx.eval(run_mlx()), repeats), timed(lambda: mx.eval(run_one_stream()), repeats)]
-    check = np.abs(np.array(run_mlx()) - run_torch().numpy()).max()
-    return "MiniCPM 448px tile (NaViT+resampler)", batch, *times, timed(run_torch, repeats), flops, check
+
+
+NAMES = {"siglip": "SigLIP-so400m 384px", "minicpm": "MiniCPM 448px tile (NaViT+resampler)"}
+
+
+def bench(kind: str, batch: int, repeats: int):
+    import mlx.core as mx
+
+    product, one_stream = mlx_side(kind, batch)
+    t_mlx = timed(lambda: mx.eval(product()), repeats)
+    t_one = timed(lambda: mx.eval(one_stream()), repeats)
+    t_torch, ref = torch_side(kind, batch, repeats)
+    check = float(np.abs(np.array(product()) - ref).max())
+    return NAMES[kind], batch, t_mlx, t_one, t_torch, flops_of(kind, batch), check
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--torch-worker", choices=list(NAMES), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.torch_worker:
+        return torch_worker(args.torch_worker, args.batch, args.repeats, args.out)
+
+    import mlx_llama3v  # noqa: F401  (optimised BLAS for MLX on Linux, before mlx.core)
+    import torch
 
     peak = matmul_peak()
-    rows = [bench_siglip(args.batch, args.repeats), bench_minicpm_tile(args.batch, args.repeats)]
+    rows = [bench(kind, args.batch, args.repeats) for kind in NAMES]
     peak = max(peak, matmul_peak())  # before and after: a busy machine lowers one of them
     print(f"float32 matmul peak (best of MLX / numpy 3072^2, before and after): {peak:.0f} GFLOP/s")
-    print(f"MLX BLAS: {mlx_llama3v._blas.loaded or 'MLX built-in'}; torch threads: {torch.get_num_threads()}")
+    print(f"MLX BLAS: {mlx_llama3v._blas.loaded or 'MLX built-in'}; torch threads: {torch.get_num_threads()} (own process)")
     head = (
         f"| {'model':38} | batch | MLX img/s | MLX 1-stream img/s | torch img/s | speed-up "
         "| MLX GFLOP/s | % of peak | max abs diff |"
