@@ -8,7 +8,9 @@ into a cache folder (``$MLX_LLAMA3V_CACHE`` or ``~/.cache/mlx_llama3v``) and loa
 from there; later calls reuse the cached conversion.
 
 The processor is the tokenizer (``PreTrainedTokenizerFast``; remote code is never
-run) with the ``processor_config`` saved in config.json.
+run) with the ``processor_config`` saved in config.json. ``adapter_path`` applies
+a fine-tuning run's output: mlx-lm LoRA adapters for the language model and/or
+projector weights (``apply_adapter_folder``).
 """
 
 from __future__ import annotations
@@ -53,15 +55,97 @@ class Processor:
 def load(
     path_or_repo: str, adapter_path: Optional[str] = None, *, lazy: bool = False
 ) -> Tuple[Model, Processor]:
-    """The model and processor of a converted folder, or of a checkpoint converted on the fly."""
-    if adapter_path is not None:
-        raise NotImplementedError(
-            "adapter_path: LoRA adapters are not supported yet (no adapter format is defined)"
-        )
+    """The model and processor of a converted folder, or of a checkpoint converted on the fly.
+
+    ``adapter_path``: a fine-tuning run's adapters (see ``apply_adapter_folder``).
+    """
     path = _local_or_download(str(path_or_repo))
     if not is_converted(path):
         path = _convert_to_cache(str(path_or_repo), path)
-    return load_converted(path, lazy=lazy)
+    model, processor = load_converted(path, lazy=lazy)
+    if adapter_path is not None:
+        apply_adapter_folder(model, adapter_path)
+    return model, processor
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTERS = "adapters.safetensors"
+PROJECTOR = "projector.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter folder is missing, malformed, or does not fit the model (one line)."""
+
+
+def apply_adapter_folder(model: Model, adapter_path) -> Model:
+    """Apply what a fine-tuning run saved: language-model adapters and/or a projector.
+
+    ``adapter_config.json`` + ``adapters.safetensors``: see ``load_adapters``;
+    ``projector.safetensors``: projector weights (names relative to ``model.projector``),
+    loaded strictly.
+    """
+    folder = Path(adapter_path).expanduser()
+    has_adapters = (folder / ADAPTER_CONFIG).is_file()
+    has_projector = (folder / PROJECTOR).is_file()
+    if not (has_adapters or has_projector):
+        where = "adapter folder not found" if not folder.is_dir() else "not an adapter folder"
+        raise AdapterError(
+            f"{adapter_path}: {where} (expected {ADAPTER_CONFIG} + {ADAPTERS} and/or {PROJECTOR})"
+        )
+    if has_adapters:
+        load_adapters(model, folder)
+    if has_projector:
+        try:
+            model.projector.load_weights(
+                list(mx.load(str(folder / PROJECTOR)).items()), strict=True
+            )
+        except (ValueError, RuntimeError) as e:
+            raise AdapterError(
+                f"{folder / PROJECTOR} does not fit the model's projector: {_adapter_problem(e)}"
+            ) from None
+    model.eval()
+    return model
+
+
+def load_adapters(model: Model, adapter_path) -> Model:
+    """Apply mlx-lm adapters to ``model.language_model``, in place.
+
+    The folder is mlx-lm's (``mlx_lm.lora`` and ``mlx_llama3v.train`` write it):
+    ``adapter_config.json`` with ``fine_tune_type`` ("lora", "dora" or "full"),
+    ``num_layers`` (the last N decoder layers) and ``lora_parameters`` (``rank``,
+    ``scale``, ``dropout``, optional ``keys`` such as ``["self_attn.q_proj"]``), and
+    ``adapters.safetensors`` whose tensor names are relative to the language model
+    (``model.layers.31.self_attn.q_proj.lora_a``).
+    """
+    folder = Path(adapter_path).expanduser()
+    for name in (ADAPTER_CONFIG, ADAPTERS):
+        if not (folder / name).is_file():
+            where = "adapter folder not found" if not folder.is_dir() else f"no {name} in it"
+            raise AdapterError(
+                f"{adapter_path}: {where} (an mlx-lm adapter folder has {ADAPTER_CONFIG} "
+                f"and {ADAPTERS})"
+            )
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+
+    try:
+        mlx_lm_load_adapters(model.language_model, str(folder))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AdapterError(
+            f"adapter {adapter_path} does not fit the model: {_adapter_problem(e)}"
+        ) from None
+    model.eval()  # the new LoRA layers' dropout off
+    return model
+
+
+def _adapter_problem(e: BaseException) -> str:
+    """The first problem mlx-lm lists, and how many more there are, on one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, KeyError):
+        return f"adapter_config.json lacks {lines[0] if lines else e!r}"
+    if len(lines) > 1 and lines[0].endswith(":"):  # "... incompatible tensors:" + one per line
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return lines[1] + more
+    return " ".join(lines) or type(e).__name__
 
 
 def is_converted(path: Path) -> bool:

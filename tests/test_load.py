@@ -112,6 +112,9 @@ def test_a_checkpoint_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert isinstance(again, Model)
 
 
-def test_adapters_are_not_supported_yet(bunny):
-    with pytest.raises(NotImplementedError, match="adapter"):
+def test_a_missing_adapter_folder_is_one_clear_error(bunny):
+    from mlx_llama3v.loading import AdapterError
+
+    with pytest.raises(AdapterError, match="adapter folder not found"):
         load(bunny[1], adapter_path="adapters")
+
