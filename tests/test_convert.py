@@ -29,7 +29,9 @@ from hf_checkpoints import (
     attention_projector_from,
     make_bunny,
     make_composed,
+    make_llama,
     make_minicpm,
+    make_siglip,
     write_json,
 )
 from mlx_llama3v.convert import PAUSE_ENV, convert
@@ -473,3 +475,24 @@ def test_conflicting_and_invalid_options(tiny, tmp_path):
         [*tiny.cli_source("bunny"), "-q", "--q-bits", "3", *out], "--q-bits must be 4 or 8"
     )
     assert_error([*tiny.cli_source("bunny"), "-q", "--q-group-size", "48", *out], "--q-group-size")
+
+
+def test_compose_accepts_a_standalone_siglip_vision_model(tmp_path):
+    """transformers >= 5 saves a SiglipVisionModel without the ``vision_model.`` prefix."""
+    from transformers import SiglipVisionModel
+
+    _, full = make_siglip(tmp_path / "full")
+    tower = SiglipVisionModel(full.config.vision_config)
+    prefix = "vision_model."
+    own = {k[len(prefix) :]: v for k, v in full.state_dict().items() if k.startswith(prefix)}
+    tower.load_state_dict(own if "embeddings.patch_embedding.weight" in tower.state_dict()
+                          else {prefix + k: v for k, v in own.items()})
+    tower.save_pretrained(tmp_path / "tower")
+    llm_dir, _ = make_llama(tmp_path / "llm")
+    a = convert(vision=str(tmp_path / "tower"), llm=str(llm_dir), mlx_path=tmp_path / "a", dtype="float32")
+    b = convert(vision=str(tmp_path / "full"), llm=str(llm_dir), mlx_path=tmp_path / "b", dtype="float32")
+    wa, wb = mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert any(k.startswith("vision_tower.") for k in wa)
+    for k in wa:
+        assert mx.array_equal(wa[k], wb[k]), k

@@ -75,7 +75,7 @@ def load(vision: Checkpoint, llm: Checkpoint, num_layers: int = 2, seed: int = 0
     )
     fresh = init_projector(projector, seed, _rms(embed))
     weights = {
-        **rename(vision.weights(), VISION_RENAMES),
+        **rename(_vision_weights(vision), VISION_RENAMES),
         **rename(llm_weights, LLM_RENAMES),
         **{"projector." + k: v for k, v in fresh.items()},
     }
@@ -137,6 +137,15 @@ def _vision_config(vision: Checkpoint) -> dict:
         **{k: declared[k] for k in SIGLIP_VISION_DEFAULTS if k in declared},
     }
     return dict(cfg, variant="siglip", strip_positions=False, feature_layer=None)
+
+
+def _vision_weights(vision: Checkpoint) -> Dict[str, mx.array]:
+    """The tower's tensors under ``vision_model.`` (a ``SiglipVisionModel`` saved by
+    transformers >= 5 has no prefix)."""
+    weights = vision.weights()
+    if any(k.startswith("vision_model.") for k in weights):
+        return weights
+    return {"vision_model." + k: v for k, v in weights.items()}
 
 
 def _check_llama(llm: Checkpoint) -> None:
