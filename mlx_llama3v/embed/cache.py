@@ -40,6 +40,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
+from ..atomic import fsync_path, temp_name, write_atomic
 from ..models.vision import TileBatch
 from .codec import MLX, NUMPY, TAGS, ErrorStats
 
@@ -56,35 +57,6 @@ class CacheError(Exception):
 
 
 # ------------------------------------------------------------------ atomic files
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1).encode())
 
@@ -133,7 +105,7 @@ def write_safetensors(
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
-    tmp = _temp_name(Path(path))
+    tmp = temp_name(Path(path))
     with open(tmp, "wb") as f:
 
         def put(data) -> None:
@@ -268,7 +240,7 @@ def merge_journals(root: Path) -> int:
     write_json(root / INDEX, doc)
     for path in journals:
         path.unlink()
-    fsync_dir(root)
+    fsync_path(root)
     return added
 
 
@@ -387,7 +359,7 @@ class ShardWriter:
             {"format": FORMAT, "dtype": self.dtype},
             self.midway,
         )
-        fsync_dir(folder)
+        fsync_path(folder)
         stats = ErrorStats()
         for im in images:
             stats.add(im.stats)

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..atomic import fsync_path, write_atomic
 from .tuning import ADAPTERS, PROJECTOR
 
 CHECKPOINTS = "checkpoints"
@@ -63,12 +64,12 @@ def save_checkpoint(
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     for f in tmp.iterdir():
-        _fsync(f)
+        fsync_path(f)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _write_atomic(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, (name + "\n").encode())
     _prune(root, keep, final)
     return final
 
@@ -124,24 +125,3 @@ def _prune(root: Path, keep: int, current: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
