@@ -37,10 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# torch first: its BLAS calls bind to its own library before mlx_llama3v opens
+# OpenBLAS globally for MLX (opened earlier, OpenBLAS would serve torch's calls too)
+import torch  # noqa: I001
+
 import mlx_llama3v  # noqa: F401  (optimised BLAS for MLX on Linux, before mlx.core)
 import mlx.core as mx
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 
