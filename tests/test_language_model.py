@@ -7,7 +7,7 @@ import torch
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_llama3v.config import ModelConfig, TextConfig, normalize_text_config
+from mlx_llama3v.config import TextConfig, normalize_text_config
 from references import LLAMA31_ROPE, TEXT, assert_close, hf_llama, to_mlx
 
 

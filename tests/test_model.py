@@ -28,7 +28,6 @@ from references import (
     randomize,
     strip_nchw,
     to_mlx,
-    valid_rows,
 )
 
 IMAGE_ID, OPEN_ID, CLOSE_ID = 5, 6, 7
