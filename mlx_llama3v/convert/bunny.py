@@ -20,9 +20,7 @@ from .common import (
     Checkpoint,
     ConvertError,
     Source,
-    eos_config,
-    make_config,
-    rename,
+    checkpoint_source,
     text_config,
     vision_shapes,
 )
@@ -50,7 +48,7 @@ def matches(config: dict, keys: List[str]) -> bool:
 
 
 def load(ckpt: Checkpoint) -> Source:
-    folder, config, weights = ckpt.folder, ckpt.config, ckpt.weights()
+    config, weights = ckpt.config, ckpt.weights()
     kind = config.get("mm_projector_type", "mlp2x_gelu")
     if kind != "mlp2x_gelu":
         raise ConvertError(f"unknown architecture: Bunny projector {kind!r} (only mlp2x_gelu)")
@@ -79,23 +77,8 @@ def load(ckpt: Checkpoint) -> Source:
         ),
         "bunny",
     )
-    model_config = make_config(
-        family="bunny",
-        vision_config=vision,
-        projector_config=projector,
-        text_config=text,
-        image_token=processor["image_token"],
-        processor_config=processor,
-    )
-    return Source(
-        config=model_config,
-        weights=rename(weights, RENAMES),
-        tokenizer_dir=folder,
-        rename_reserved=True,
-        origin=[ckpt.origin],
-        renames=RENAMES,
-        extra_config=eos_config(config),
-    )
+    parts = dict(vision=vision, projector=projector, text=text, processor=processor)
+    return checkpoint_source(ckpt, "bunny", RENAMES, parts, rename_reserved=True)
 
 
 def _vision_config(config: dict, weights) -> dict:

@@ -283,6 +283,35 @@ def make_config(**kwargs) -> ModelConfig:
         raise ConvertError(f"inconsistent config: {_one_line(e)}") from None
 
 
+def checkpoint_source(
+    ckpt: "Checkpoint",
+    family: str,
+    renames: List[Tuple[str, str]],
+    parts: Dict[str, dict],
+    rename_reserved: bool,
+) -> Source:
+    """A one-checkpoint source: the model config from ``parts`` (vision, projector, text,
+    processor configs) and the checkpoint's weights renamed onto the model's parts."""
+    processor = parts["processor"]
+    config = make_config(
+        family=family,
+        vision_config=parts["vision"],
+        projector_config=parts["projector"],
+        text_config=parts["text"],
+        image_token=processor["image_token"],
+        processor_config=processor,
+    )
+    return Source(
+        config=config,
+        weights=rename(ckpt.weights(), renames),
+        tokenizer_dir=ckpt.folder,
+        rename_reserved=rename_reserved,
+        origin=[ckpt.origin],
+        renames=renames,
+        extra_config=eos_config(ckpt.config),
+    )
+
+
 def build_model(source: Source) -> Model:
     """The model with the source's weights, each tensor checked against the config."""
     try:

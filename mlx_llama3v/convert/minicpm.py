@@ -17,10 +17,8 @@ from .common import (
     Checkpoint,
     ConvertError,
     Source,
-    eos_config,
-    make_config,
+    checkpoint_source,
     read_optional_json,
-    rename,
     text_config,
     vision_shapes,
 )
@@ -76,23 +74,8 @@ def load(ckpt: Checkpoint) -> Source:
         num_queries=queries,
     )
     processor = _processor_config(folder, config, vision, queries)
-    model_config = make_config(
-        family="minicpm_v2_5",
-        vision_config=vision,
-        projector_config=projector,
-        text_config=text,
-        image_token=processor["image_token"],
-        processor_config=processor,
-    )
-    return Source(
-        config=model_config,
-        weights=rename(weights, renames),
-        tokenizer_dir=folder,
-        rename_reserved=False,
-        origin=[ckpt.origin],
-        renames=renames,
-        extra_config=eos_config(config),
-    )
+    parts = dict(vision=vision, projector=projector, text=text, processor=processor)
+    return checkpoint_source(ckpt, "minicpm_v2_5", renames, parts, rename_reserved=False)
 
 
 def _check_version(config: dict, weights) -> None:
