@@ -50,16 +50,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=384,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
-)
+from so400m import SO400M as SO400M_SHAPE  # noqa: E402
+
+SO400M = dict(SO400M_SHAPE, image_size=384)
 SIZES = [(640, 480), (1920, 1080)]
 
 

@@ -56,16 +56,9 @@ from mlx_llama3v.loading import Processor  # noqa: E402
 from mlx_llama3v.models.llama3v import Model  # noqa: E402
 from mlx_llama3v.processing import resolve_processor_config  # noqa: E402
 
-SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=980,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
-)
+from so400m import SO400M as SO400M_SHAPE  # noqa: E402
+
+SO400M = dict(SO400M_SHAPE, image_size=980)
 LLAMA_1B = dict(
     hidden_size=2048,
     intermediate_size=8192,

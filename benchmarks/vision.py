@@ -31,15 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    patch_size=14,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
-)
+from so400m import SO400M  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
