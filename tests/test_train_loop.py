@@ -64,6 +64,21 @@ def test_frozen_parts_stay_bit_identical(tiny, tmp_path, stage):
     assert result.counts["trainable"] == sum(np.array(v).size for k, v in tree_flatten(before.trainable_parameters()))
 
 
+@pytest.mark.parametrize("num_layers", [-1, 1])
+def test_full_fine_tuning_trains_what_it_says(tiny, num_layers):
+    """full over every block trains every language-model weight (embeddings and head
+    too); full over the last N blocks trains those blocks only."""
+    model, _ = load(tiny.model)
+    prepare_model(model, TuneConfig(fine_tune_type="full", num_layers=num_layers))
+    trainable = set(dict(tree_flatten(model.trainable_parameters())))
+    lm = {"language_model." + k for k, _ in tree_flatten(model.language_model.parameters())}
+    if num_layers == -1:
+        assert trainable == lm
+    else:
+        last = f"language_model.model.layers.{len(model.language_model.layers) - 1}."
+        assert trainable == {k for k in lm if k.startswith(last)} and trainable
+
+
 def test_outputs_metrics_and_plot(tiny, tmp_path):
     cfg = config(tiny, tmp_path / "o", iters=6, steps_per_eval=3, steps_per_save=2)
     cfg.valid_fraction = 0.25

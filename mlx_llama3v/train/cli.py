@@ -51,7 +51,7 @@ def run(
     max_length: int = typer.Option(2048, "--max-length", help="Longest sequence in tokens (longer samples are shortened or skipped)."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record instead of skipping it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
-    fine_tune_type: FineTune = typer.Option(FineTune.lora, "--fine-tune-type", help="sft: lora, dora or full."),
+    fine_tune_type: FineTune = typer.Option(FineTune.lora, "--fine-tune-type", help="sft: lora, dora or full (full: every language-model weight, or the last --num-layers blocks)."),
     num_layers: int = typer.Option(-1, "--num-layers", help="sft: adapt the last N blocks (-1: all)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),

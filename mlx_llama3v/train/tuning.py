@@ -71,7 +71,11 @@ def prepare_model(model, config: TuneConfig) -> None:
     if config.num_layers < 0 or config.num_layers > len(lm.layers):
         config.num_layers = len(lm.layers)
     if config.trains_language_model:
-        if config.fine_tune_type == "full":
+        if config.fine_tune_type == "full" and config.num_layers == len(lm.layers):
+            # all of it, embeddings, final norm and head included (mlx-lm's "full" trains
+            # the blocks only, which cannot teach a language model new outputs)
+            lm.unfreeze()
+        elif config.fine_tune_type == "full":
             for layer in lm.layers[-config.num_layers :] if config.num_layers else []:
                 layer.unfreeze()
         else:
