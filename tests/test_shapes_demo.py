@@ -43,6 +43,7 @@ def blind_accuracy(data: Path) -> dict:
     return per_kind
 
 
+@pytest.mark.slow
 def test_short_pipeline_learns_to_read_pictures(tmp_path):
     """The short run (800 steps, ~10 min on 2 CPU cores) learns colours first: those
     answers must be far above what a picture-blind model can reach, and no kind of
