@@ -148,7 +148,9 @@ def test_balanced_groups_cover_every_tile_once_and_keep_sizes_together():
     assert balanced_groups([5], 4) == [[0]]
 
 
-def test_parallel_encode_equals_one_padded_batch():
+@pytest.mark.parametrize("numpy_kernels", ["1", "0"])
+def test_parallel_encode_equals_one_padded_batch(numpy_kernels, monkeypatch):
+    monkeypatch.setenv("MLX_LLAMA3V_CPU_KERNELS", numpy_kernels)
     hf = hf_navit()
     tower = mlx_tower(hf, **NAVIT, variant="navit", strip_positions=True)
     tiles = random_tiles(GRIDS + [(4, 4), (3, 5)], NAVIT["patch_size"], seed=3)
@@ -159,3 +161,57 @@ def test_parallel_encode_equals_one_padded_batch():
         for row, i in enumerate(idx):
             n = batch.lengths[row]
             np.testing.assert_allclose(feats[row, :n], whole[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernels_equal_mlx_softmax_and_gelu_in_place():
+    import mlx.nn as nn
+
+    from mlx_llama3v.models import cpu_kernels
+
+    x = mx.random.normal((3, 5, 40)) * 8
+    x = mx.where(mx.random.uniform(shape=x.shape) < 0.3, -mx.inf, x)  # masked keys
+    x[..., 0] = 1.0  # every row keeps one finite entry
+    want = mx.softmax(x, axis=-1)
+    mx.eval(x, want)
+    got = cpu_kernels.softmax_(x)
+    assert got is x  # computed in MLX's own buffer, no copy
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+    h = mx.random.normal((7, 300)) * 6
+    want = nn.gelu_approx(h)
+    mx.eval(h, want)
+    np.testing.assert_allclose(cpu_kernels.gelu_tanh_(h), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tower_with_cpu_kernels_matches_idefics2_padded_and_siglip(monkeypatch):
+    """The numpy softmax/GELU path (``encode`` on x86 CPUs) against transformers."""
+    from mlx_llama3v.models import cpu_kernels
+
+    calls = []
+    softmax_ = cpu_kernels.softmax_
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)  # on any platform
+    monkeypatch.setattr(cpu_kernels, "softmax_", lambda s: calls.append(s.shape) or softmax_(s))
+
+    hf = hf_navit()
+    tower = mlx_tower(hf, **NAVIT, variant="navit")
+    tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=4)
+    x, mask = padded_nchw(tiles, NAVIT["patch_size"])
+    with torch.no_grad():
+        ref = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
+    batch = make_tile_batch(tiles, tower.config)
+    assert batch.padded
+    with cpu_kernels.use():
+        out = tower(batch)
+    assert len(calls) == NAVIT["num_hidden_layers"]
+    for i, (r, n) in enumerate(zip(valid_rows(ref, mask), batch.lengths)):
+        assert_close(out[i, :n], r)
+
+    hf = hf_siglip()
+    tower = mlx_tower(hf, **SIGLIP, variant="siglip")
+    tiles = random_tiles([(6, 6)] * 2, SIGLIP["patch_size"], seed=5)
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)).last_hidden_state
+    groups = tower.encode(tiles)
+    assert len(calls) == NAVIT["num_hidden_layers"] + SIGLIP["num_hidden_layers"] * len(groups)
+    for idx, _, feats in groups:
+        assert_close(feats, ref[idx])
