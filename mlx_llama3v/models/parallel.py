@@ -3,7 +3,9 @@
 MLX's CPU element-wise kernels (exp in softmax, tanh in GELU) run on one thread,
 and on a SigLIP tower they take more time than the matrix products. Splitting a
 batch of tiles over one CPU stream per core, with OpenBLAS held to one thread,
-keeps every core busy (about 1.5x on 2 cores). On a GPU this is a no-op.
+keeps every core busy (about 1.5x on 2 cores). On a GPU this is a no-op. On x86
+CPUs the tower's softmax and GELU run in numpy instead (``cpu_kernels``), which
+is faster still; this is the path when that is turned off.
 """
 
 from __future__ import annotations
