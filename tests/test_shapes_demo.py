@@ -1,8 +1,8 @@
 """The shapes demo (``examples/shapes``): the whole recipe, and the committed model.
 
 - A shortened run of ``build.py --quick`` (draw data, random model, ``embed``,
-  ``train --stage pretrain``, ``fuse``, ``train --stage sft``, ``fuse``, evaluate) on
-  held-out pictures must answer well above chance.
+  ``train --stage sft --fine-tune-type full --train-projector``, ``fuse``, evaluate)
+  must answer held-out pictures well above a picture-blind model.
 - The committed model in ``examples/shapes/model`` must answer the committed held-out
   samples, and the README's first command must print the right answer.
 """
@@ -85,28 +85,30 @@ def _shapes(name: str):
 
 
 def test_committed_model_reads_new_pictures(tmp_path):
-    """Pictures drawn now (a seed the build never used): colour answers far above a
-    picture-blind model, as the build's own held-out split measured."""
+    """Pictures drawn now (a seed the build never used): colours and counts far above
+    a picture-blind model, as the build's own held-out split measured (when committed,
+    on these pictures: colour 0.77, count 0.98, all 0.63 against blind 0.35, 0.37, 0.36)."""
     data = _shapes("dataset").make_split(tmp_path, 60, seed=987654, conversations=False)
     report, blind = _shapes("build").evaluate(MODEL, data), blind_accuracy(data)
     print(f"committed model on new pictures: {report['per_kind']} (all {report['accuracy']:.3f}); "
           f"picture-blind {blind}")
     assert report["per_kind"]["colour"] >= blind["colour"] + 0.25, (report, blind)
-    assert report["accuracy"] >= blind["all"], (report, blind)
+    assert report["per_kind"]["count"] >= blind["count"] + 0.4, (report, blind)
+    assert report["accuracy"] >= blind["all"] + 0.15, (report, blind)
 
 
 def test_committed_model_answers_the_samples():
     """The committed samples: at least the share of answers the model got right when it
-    was committed (10 of 26), so a change that breaks loading or generation shows."""
+    was committed (14 of 26), so a change that breaks loading or generation shows."""
     from mlx_llama3v import generate, load
 
     model, processor = load(str(MODEL))
     questions = _sample_questions()
     right = 0
     for image, question, answer in questions:
-        out = generate(model, processor, question, images=[str(image)], max_tokens=24, temp=0.0)
+        out = generate(model, processor, question, images=[str(image)], max_tokens=48, temp=0.0)
         right += out.text.strip() == answer
-    assert right >= 10, f"{right} of {len(questions)} sample answers right"
+    assert right >= 14, f"{right} of {len(questions)} sample answers right"
 
 
 def test_readme_first_command_prints_the_right_answer():

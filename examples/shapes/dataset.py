@@ -88,9 +88,13 @@ def make_split(out: Path, n: int, seed: int, size: int = 64, conversations: bool
     """Draw n pictures into out/images and write out/data.jsonl (LLaVA format).
 
     With ``conversations`` (training data) each picture is one multi-turn record
-    asking all of its questions, the full description last so that no earlier answer
-    can be copied from it: every image is then encoded once for five answers, which
-    made training about twice as fast per second as one question per record.
+    asking all of its questions in a random order: every image is then encoded once
+    for five answers, which made training about twice as fast per second as one
+    question per record. The order matters: with the full description always last
+    (so that it could be pieced together from the earlier answers) the model learned
+    to lean on the conversation instead of the picture: held-out counting (one
+    question at a time) reached 0.44 after 2000 steps that way, 0.86 after 1000
+    steps with random order.
     Without (evaluation data), one record per question, carrying its ``kind`` so
     each question type is scored.
     """
@@ -103,9 +107,8 @@ def make_split(out: Path, n: int, seed: int, size: int = 64, conversations: bool
             draw(shapes, rng, size).save(out / name)
             qa = questions(shapes, rng)
             if conversations:
-                first, rest = qa[0], qa[1:]
-                rng.shuffle(rest)
-                records = [{"image": name, "conversations": _turns(rest + [first])}]
+                rng.shuffle(qa)
+                records = [{"image": name, "conversations": _turns(qa)}]
             else:
                 records = [{"image": name, "kind": q["kind"], "conversations": _turns([q])} for q in qa]
             for record in records:
