@@ -157,11 +157,15 @@ def mlx_side(kind: str, batch: int):
         return mx.concatenate([project(f, b) for _, b, f in tower.encode(tiles)])
 
     def mlx_ops_only():
+        before = os.environ.get("MLX_LLAMA3V_CPU_KERNELS")
         os.environ["MLX_LLAMA3V_CPU_KERNELS"] = "0"
         try:
             return product()
         finally:
-            del os.environ["MLX_LLAMA3V_CPU_KERNELS"]
+            if before is None:
+                del os.environ["MLX_LLAMA3V_CPU_KERNELS"]
+            else:
+                os.environ["MLX_LLAMA3V_CPU_KERNELS"] = before
 
     return product, mlx_ops_only
 

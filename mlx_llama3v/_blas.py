@@ -64,12 +64,13 @@ def use_fast_blas() -> str | None:
             loaded = path
         except OSError:
             loaded = None
-        if loaded and shim is not None:
+        if loaded and shim:
             _connect_gemv_shim(shim)
     return loaded
 
 
-def _open_gemv_shim():
+def _open_gemv_shim() -> str | None:
+    """Open the compiled shim globally (kept in ``_shim``); its path, or None."""
     global _shim
     if os.environ.get("MLX_LLAMA3V_GEMV", "1") == "0":
         return None
@@ -80,15 +81,15 @@ def _open_gemv_shim():
         _shim = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return None
-    return _shim, str(library)
+    return str(library)
 
 
-def _connect_gemv_shim(shim) -> None:
+def _connect_gemv_shim(path: str) -> None:
+    """Hand OpenBLAS's own sgemm/sgemv to the shim (a missing one leaves it forwarding)."""
     global gemv_shim
-    library, path = shim
     sgemm, sgemv = (getattr(_handle, name, None) for name in ("cblas_sgemm", "cblas_sgemv"))
     as_pointer = lambda f: None if f is None else ctypes.cast(f, ctypes.c_void_p)
-    library.mlx_llama3v_sgemm_init(as_pointer(sgemm), as_pointer(sgemv))
+    _shim.mlx_llama3v_sgemm_init(as_pointer(sgemm), as_pointer(sgemv))
     if sgemm is not None and sgemv is not None:
         gemv_shim = path
 

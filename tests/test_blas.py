@@ -52,6 +52,7 @@ def test_matrix_vector_product_ignores_stale_output_memory():
         np.testing.assert_allclose(w @ x.T, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not LINUX_WITH_OPENBLAS, reason="only Linux with OpenBLAS installed gets it")
 def test_gemv_shim_can_be_turned_off():
     code = "import mlx_llama3v._blas as b; import mlx_llama3v; print(b.gemv_shim)"
     env = dict(os.environ, MLX_LLAMA3V_GEMV="0")

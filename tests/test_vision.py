@@ -21,6 +21,21 @@ from references import (
 )
 
 
+@pytest.fixture(params=[False, True], ids=["mlx-ops", "numpy-kernels"])
+def kernels(request, monkeypatch):
+    """Run the tower with MLX ops, or with the numpy softmax/GELU path that ``encode``
+    takes on x86 CPUs (forced on, so it is checked on any platform). Yields a context
+    to run the tower in and the list of softmax calls it made."""
+    from mlx_llama3v.models import cpu_kernels
+
+    calls = []
+    if request.param:
+        softmax_ = cpu_kernels.softmax_
+        monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+        monkeypatch.setattr(cpu_kernels, "softmax_", lambda s: calls.append(s.shape) or softmax_(s))
+    yield cpu_kernels.use(request.param), calls, request.param
+
+
 def mlx_tower(hf_model, **config):
     tower = VisionTower(VisionConfig.from_dict(config))
     tower.load_weights(list(tower.sanitize(to_mlx(hf_model.state_dict())).items()), strict=True)
@@ -28,7 +43,7 @@ def mlx_tower(hf_model, **config):
 
 
 @pytest.mark.parametrize("feature_layer", [None, -2, 1])
-def test_siglip_matches_transformers(feature_layer):
+def test_siglip_matches_transformers(feature_layer, kernels):
     hf = hf_siglip()
     tower = mlx_tower(hf, **SIGLIP, variant="siglip", feature_layer=feature_layer)
     tiles = random_tiles([(6, 6)] * 3, SIGLIP["patch_size"])
@@ -36,7 +51,11 @@ def test_siglip_matches_transformers(feature_layer):
     with torch.no_grad():
         out = hf(pixel_values=x, output_hidden_states=True)
     ref = out.last_hidden_state if feature_layer is None else out.hidden_states[feature_layer]
-    assert_close(tower(make_tile_batch(tiles, tower.config)), ref)
+    context, calls, numpy_path = kernels
+    with context:
+        got = tower(make_tile_batch(tiles, tower.config))
+    assert len(calls) == (len(tower.encoder.layers) if numpy_path else 0)
+    assert_close(got, ref)
 
 
 def test_siglip_rejects_wrong_tile_size():
@@ -66,7 +85,7 @@ def test_sanitize_drops_only_unused_weights():
 GRIDS = [(3, 5), (4, 4), (2, 7), (5, 2)]
 
 
-def test_navit_padded_batch_matches_idefics2():
+def test_navit_padded_batch_matches_idefics2(kernels):
     hf = hf_navit()
     tower = mlx_tower(hf, **NAVIT, variant="navit")
     tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=1)
@@ -75,7 +94,10 @@ def test_navit_padded_batch_matches_idefics2():
         ref = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
     batch = make_tile_batch(tiles, tower.config)
     assert batch.padded
-    out = tower(batch)
+    context, calls, numpy_path = kernels
+    with context:
+        out = tower(batch)
+    assert len(calls) == (NAVIT["num_hidden_layers"] if numpy_path else 0)
     for i, (r, n) in enumerate(zip(valid_rows(ref, mask), batch.lengths)):
         assert_close(out[i, :n], r)
 
@@ -181,37 +203,3 @@ def test_cpu_kernels_equal_mlx_softmax_and_gelu_in_place():
     want = nn.gelu_approx(h)
     mx.eval(h, want)
     np.testing.assert_allclose(cpu_kernels.gelu_tanh_(h), want, rtol=1e-5, atol=1e-6)
-
-
-def test_tower_with_cpu_kernels_matches_idefics2_padded_and_siglip(monkeypatch):
-    """The numpy softmax/GELU path (``encode`` on x86 CPUs) against transformers."""
-    from mlx_llama3v.models import cpu_kernels
-
-    calls = []
-    softmax_ = cpu_kernels.softmax_
-    monkeypatch.setattr(cpu_kernels, "available", lambda: True)  # on any platform
-    monkeypatch.setattr(cpu_kernels, "softmax_", lambda s: calls.append(s.shape) or softmax_(s))
-
-    hf = hf_navit()
-    tower = mlx_tower(hf, **NAVIT, variant="navit")
-    tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=4)
-    x, mask = padded_nchw(tiles, NAVIT["patch_size"])
-    with torch.no_grad():
-        ref = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
-    batch = make_tile_batch(tiles, tower.config)
-    assert batch.padded
-    with cpu_kernels.use():
-        out = tower(batch)
-    assert len(calls) == NAVIT["num_hidden_layers"]
-    for i, (r, n) in enumerate(zip(valid_rows(ref, mask), batch.lengths)):
-        assert_close(out[i, :n], r)
-
-    hf = hf_siglip()
-    tower = mlx_tower(hf, **SIGLIP, variant="siglip")
-    tiles = random_tiles([(6, 6)] * 2, SIGLIP["patch_size"], seed=5)
-    with torch.no_grad():
-        ref = hf(pixel_values=torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)).last_hidden_state
-    groups = tower.encode(tiles)
-    assert len(calls) == NAVIT["num_hidden_layers"] + SIGLIP["num_hidden_layers"] * len(groups)
-    for idx, _, feats in groups:
-        assert_close(feats, ref[idx])

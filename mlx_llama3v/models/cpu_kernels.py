@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
+from .parallel import cpu_workers
+
 _active = contextvars.ContextVar("mlx_llama3v_cpu_kernels", default=False)
 _pool: Optional[ThreadPoolExecutor] = None
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -92,7 +94,7 @@ def _in_place(x: mx.array, fn: Callable[[np.ndarray], None]) -> mx.array:
         mx.eval(x)
         view = np.asarray(x)
     rows = view.reshape(-1, view.shape[-1])
-    workers = _workers()
+    workers = cpu_workers()
     cuts = [len(rows) * i // workers for i in range(workers + 1)]
     chunks = [rows[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
     if len(chunks) == 1:
@@ -102,12 +104,8 @@ def _in_place(x: mx.array, fn: Callable[[np.ndarray], None]) -> mx.array:
     return x
 
 
-def _workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="mlx_llama3v-cpu")
+        _pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="mlx_llama3v-cpu")
     return _pool
