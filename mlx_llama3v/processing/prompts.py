@@ -81,7 +81,10 @@ def build_prompt(
     """
     cfg = resolve_processor_config(processor_config)
     turns, sources = _normalise_messages(messages, images)
-    processed = [preprocess_image(src, cfg, max_pixels=max_pixels) for src in sources]
+    processed = [  # an already processed image (e.g. a cached tile layout) is used as it is
+        src if isinstance(src, ProcessedImage) else preprocess_image(src, cfg, max_pixels=max_pixels)
+        for src in sources
+    ]
     special = _special_ids(tokenizer, cfg, processed)
     placeholders = [_placeholder(p, cfg) for p in processed]
     rendered = [(role, _render_content(role, parts, placeholders, cfg)) for role, parts in turns]
