@@ -8,8 +8,10 @@ Three stages overlap:
 2. ``TileBatcher`` + ``Encoder`` (main thread): tiles wait in buckets of equal shape
    until ``batch_size`` of one shape are there, then go through
    ``VisionTower.encode`` as one batch (no padding; shapes mix only to bound memory
-   and at the end), are cast to the storage dtype on the device and their storage
-   error is measured.
+   and at the end of each shard), are cast to the storage dtype on the device and
+   their storage error is measured. Results come back in input order and shards end
+   at fixed points of the work list, so the batches, and every stored byte, follow
+   from the inputs alone (not from decode timing, load or interruptions).
 3. ``BackgroundWriter``: a thread that hands finished images to the ``ShardWriter``
    (serialising, fsync and rename happen off the main thread).
 
@@ -166,9 +168,11 @@ class TileBatcher:
 
 # ------------------------------------------------------------------ writer thread
 class BackgroundWriter:
-    """Runs ``ShardWriter.add`` on a thread; ``close`` flushes and re-raises its error."""
+    """Runs ``ShardWriter.add`` on a thread; ``end_shard`` commits what it was given so
+    far as one shard; ``close`` commits the rest and re-raises the thread's error."""
 
     _DONE = object()
+    _FLUSH = object()
 
     def __init__(self, writer: ShardWriter, max_images: int = 64):
         self.writer = writer
@@ -184,7 +188,10 @@ class BackgroundWriter:
                 break
             if self.error is None:
                 try:
-                    self.writer.add(image)
+                    if image is self._FLUSH:
+                        self.writer.flush()
+                    else:
+                        self.writer.add(image)
                 except BaseException as e:  # noqa: BLE001  (re-raised on the main thread)
                     self.error = e
         if self.error is None:
@@ -197,6 +204,9 @@ class BackgroundWriter:
         if self.error is not None:
             raise self.error
         self.queue.put(image)
+
+    def end_shard(self) -> None:
+        self.put(self._FLUSH)
 
     def close(self) -> None:
         self.queue.put(self._DONE)

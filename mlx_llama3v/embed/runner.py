@@ -33,9 +33,18 @@ from mlx.utils import tree_flatten
 from ..models.vision import VisionTower
 from ..processing import resolve_processor_config
 from . import cache as cache_mod
-from .cache import REPORT, CacheError, ShardWriter, committed_shards, journal_name, load_index
-from .codec import ErrorStats, check_dtype
+from .cache import (
+    REPORT,
+    CacheError,
+    ShardWriter,
+    committed_shards,
+    journal_name,
+    load_index,
+    normalised_path,
+)
+from .codec import ErrorStats, bytes_per_tile, check_dtype
 from .distributed import Group, exchange_digests, owners, share
+from .lookup import Lookup, file_stat
 from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
 
@@ -181,13 +190,17 @@ def locked(root: Path, enabled: bool):
         yield
 
 
-def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> List[dict]:
-    """Rank 0 creates/checks the index and cleans up; every rank gets the shard records."""
+def open_cache(
+    root: Path, settings: dict, model_name: str, group: Group, log=lambda s: None
+) -> List[dict]:
+    """Rank 0 creates/checks the index, drops damaged shards (``heal``) and cleans up;
+    every rank gets the shard records."""
     problem = None
     if group.rank == 0:
         try:
             cache_mod.open_for_writing(root, settings, model_name)
             cache_mod.merge_journals(root)
+            cache_mod.heal(root, log)
             cache_mod.remove_orphans(root, committed_shards(root))
             for stale in root.glob("report.rank*.json"):  # from an interrupted distributed run
                 stale.unlink()
@@ -198,14 +211,22 @@ def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> Lis
     return committed_shards(root)
 
 
-def cached_keys(root: Path, records: Sequence[dict]) -> set:
-    keys = set()
-    for r in records:
-        keys.update(cache_mod.read_json(root / cache_mod.SHARDS / r["entries"])["images"])
-    return keys
+def cached_keys(lookup: Lookup) -> set:
+    """Keys of every cached image, from the lookup table (no entry file is read)."""
+    return set(lookup.keys())
 
 
-def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
+def hash_file(path: Path, known=None) -> Tuple[Optional[bytes], Optional[str], Optional[tuple]]:
+    """(sha256, error, (size, mtime_ns) before reading); ``known`` = (size, mtime_ns,
+    key) from the path map, used instead of reading when the file still matches it."""
+    st = file_stat(path)
+    if known is not None and st is not None and st == tuple(known[:2]):
+        return bytes.fromhex(known[2]), None, st
+    digest, error = _hash_file(path)
+    return digest, error, st
+
+
+def _hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -220,16 +241,32 @@ def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
         return None, f"{path}: cannot read file ({e.strerror or e})"
 
 
-def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool):
-    """(key or None per path, [(path, error)] of this rank's unreadable files)."""
-    mine = [paths[i] for i in share(len(paths), group.rank, group.size)]
+def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool, lookup=None):
+    """(key or None per path, [(path, error)] of this rank's unreadable files).
+
+    Files the path map of ``lookup`` knows with the same size and mtime are not read.
+    Rank 0 then writes the path map for every readable path.
+    """
+    index = list(share(len(paths), group.rank, group.size))
+    mine = [paths[i] for i in index]
+    known = lookup.path_entries([normalised_path(p) for p in mine]) if lookup else {}
+    work = lambda p: hash_file(p, known.get(normalised_path(p)))  # noqa: E731
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
-            _bar(pool.map(hash_file, mine), len(mine), "hashing", progress and len(mine) > 500)
+            _bar(pool.map(work, mine), len(mine), "hashing", progress and len(mine) > 500)
         )
-    failures = [(str(p), err) for p, (_, err) in zip(mine, results) if err]
-    digests = exchange_digests(group, len(paths), [d for d, _ in results])
-    return [d.hex() if d is not None else None for d in digests], failures
+    failures = [(str(p), err) for p, (_, err, _) in zip(mine, results) if err]
+    digests = exchange_digests(group, len(paths), [d for d, _, _ in results])
+    keys = [d.hex() if d is not None else None for d in digests]
+    if group.rank == 0 and lookup is not None:
+        stats = {i: st for i, (_, _, st) in zip(index, results)}
+        rows = []
+        for i, (path, key) in enumerate(zip(paths, keys)):
+            st = stats[i] if i in stats else file_stat(path)  # other ranks' share: stat here
+            if key is not None and st is not None:
+                rows.append((normalised_path(path), st[0], st[1], key))
+        lookup.put_paths(rows)
+    return keys, failures
 
 
 def _bar(iterable, total: int, desc: str, enabled: bool, **kw):
@@ -267,6 +304,12 @@ def encode_items(
 
     encoder = Encoder(tower, dtype, emit)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
+    # Shards end at fixed points of the work list (after the image that brings the
+    # stored bytes to the target), and the batcher is drained there: which tiles share
+    # a tower batch, and so every stored bit, depends on the inputs alone, never on
+    # decode timing, and a rerun after a kill rebuilds the very shards it lost.
+    patch, width = tower.config.patch_size, tower.config.hidden_size
+    chunk_bytes = 0
     stop = None
     try:
         for p in prepared(
@@ -283,6 +326,15 @@ def encode_items(
             batcher.add(encoder.start(p), p.tiles)
             for refs in batcher.ready():
                 encoder.encode(refs)
+            chunk_bytes += sum(
+                bytes_per_tile((t.shape[0] // patch) * (t.shape[1] // patch), width, dtype)
+                for t in p.tiles
+            )
+            if chunk_bytes >= writer.shard_bytes:
+                for refs in batcher.drain():
+                    encoder.encode(refs)
+                background.end_shard()
+                chunk_bytes = 0
         for refs in batcher.drain():  # with --strict too: keep what was decoded before
             encoder.encode(refs)
     except FeatureOverflow as e:
@@ -318,9 +370,11 @@ class Plan:
         )
 
 
-def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progress: bool) -> Plan:
+def plan_work(
+    paths, done: set, group: Group, workers: int, strict: bool, progress: bool, lookup=None
+) -> Plan:
     """Hash every image (split over ranks), drop duplicates and cached ones, take my share."""
-    keys, failures = hash_all(paths, group, workers, progress and group.rank == 0)
+    keys, failures = hash_all(paths, group, workers, progress and group.rank == 0, lookup)
     if strict and failures:
         raise EmbedError(f"{failures[0][1]} (--strict)")
     first = owners(keys, group.size)
@@ -335,7 +389,13 @@ def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progre
 
 
 def make_writer(
-    root: Path, group: Group, settings: dict, model_name: str, dtype: str, shard_size_mb: float
+    root: Path,
+    group: Group,
+    settings: dict,
+    model_name: str,
+    dtype: str,
+    shard_size_mb: float,
+    lookup=None,
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
     if group.size == 1:
@@ -350,6 +410,7 @@ def make_writer(
         rank=group.rank,
         shard_bytes=int(shard_size_mb * 1e6),
         midway=_midway_hook(),
+        lookup=lookup if group.size == 1 else None,  # ranks' shards enter it at the merge
     )
 
 
@@ -406,35 +467,52 @@ def embed(
             raise EmbedError(str(e)) from None
     t_work = time.perf_counter()
     with locked(root, group.rank == 0):
-        records = open_cache(root, settings, model_name, group)
-        plan = plan_work(paths, cached_keys(root, records), group, workers, strict, progress)
-        if group.rank == 0:
-            log(plan.describe(images, group.size))
-        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb)
-        desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
-        encoded, bad, busy = encode_items(
-            plan.todo,
-            tower,
-            pcfg,
-            writer,
-            dtype=dtype,
-            batch_size=batch_size,
-            workers=workers,
-            strict=strict,
-            progress=progress and group.rank == 0,
-            desc=desc,
-        )
-        summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype)
-        summary.work_seconds = time.perf_counter() - t_work
-        summary.tower_seconds = busy
-        summary.seconds = time.perf_counter() - t0
-        if group.rank == 0:
-            _write_report(root, summary, images, model_name)
-        group.barrier()
+        open_cache(root, settings, model_name, group, log)
+        lookup = Lookup(root, writable=group.rank == 0)
+        try:
+            return _run(
+                root, lookup, group, paths, images, tower, pcfg, settings, model_name,
+                dtype=dtype, batch_size=batch_size, workers=workers,
+                shard_size_mb=shard_size_mb, strict=strict, progress=progress, log=log,
+                t0=t0, t_work=t_work,
+            )
+        finally:
+            lookup.close()
+
+
+def _run(root, lookup, group, paths, images, tower, pcfg, settings, model_name, *, dtype,
+         batch_size, workers, shard_size_mb, strict, progress, log, t0, t_work) -> Summary:
+    """Plan, encode and finish one run inside the lock (``embed`` holds the lookup)."""
+    plan = plan_work(paths, cached_keys(lookup), group, workers, strict, progress, lookup)
+    if group.rank == 0:
+        log(plan.describe(images, group.size))
+    writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb, lookup)
+    desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
+    encoded, bad, busy = encode_items(
+        plan.todo,
+        tower,
+        pcfg,
+        writer,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        strict=strict,
+        progress=progress and group.rank == 0,
+        desc=desc,
+    )
+    summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype, lookup)
+    summary.work_seconds = time.perf_counter() - t_work
+    summary.tower_seconds = busy
+    summary.seconds = time.perf_counter() - t0
+    if group.rank == 0:
+        _write_report(root, summary, images, model_name)
+    group.barrier()
     return summary
 
 
-def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
+def _finish(
+    root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str, lookup=None
+) -> Summary:
     """Counts over every rank; on rank 0, the merged index and the cache totals."""
     _write_rank_report(root, group, failures)
     counts = group.all_sum([encoded, len(failures)])  # also: every rank has committed
@@ -450,6 +528,9 @@ def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype:
     )
     if group.rank == 0:
         cache_mod.merge_journals(root)
+        if lookup is not None:
+            root_ = Path(root)
+            lookup.sync(committed_shards(root_), lambda r: cache_mod.read_entries(root_, r))
         summary.failures = _gather_failures(root, group, failures)
         summary.report = str(root / REPORT)
         _fill_cache_totals(summary, root)
