@@ -411,23 +411,27 @@ class ShardWriter:
 
     def _write_shard(self, stem: str, images: List[EncodedImage]) -> dict:
         folder = self.root / SHARDS
-        entries = {
-            im.key: {
+        tensors, entries, offset = [], {}, 0
+        for im in images:
+            spans = []  # per tile: [begin, end] of the values (+ of the scales) in the data
+            for t, (values, scales) in enumerate(im.tiles):
+                tensors.append((f"{im.key}.{t}", values, self.tag))
+                span = [offset, offset + values.nbytes]
+                offset += values.nbytes
+                if scales is not None:
+                    tensors.append((f"{im.key}.{t}.scale", scales, "F32"))
+                    span += [offset, offset + scales.nbytes]
+                    offset += scales.nbytes
+                spans.append(span)
+            entries[im.key] = {
                 "grid": list(im.grid) if im.grid else None,
                 "tiles": [list(g) for g in im.patch_grids],
                 "source": im.source,
                 "crc32": image_crc(im.tiles),
+                "spans": spans,
             }
-            for im in images
-        }
-        entries_data = json.dumps({"format": FORMAT, "images": entries}, indent=0).encode()
+        entries_data = json.dumps({"format": FORMAT, "images": entries}, separators=(",", ":")).encode()
         write_atomic(folder / f"{stem}.json", entries_data)
-        tensors = []
-        for im in images:
-            for t, (values, scales) in enumerate(im.tiles):
-                tensors.append((f"{im.key}.{t}", values, self.tag))
-                if scales is not None:
-                    tensors.append((f"{im.key}.{t}.scale", scales, "F32"))
         digest, size = write_safetensors(
             folder / f"{stem}.safetensors",
             tensors,
@@ -491,7 +495,8 @@ def image_key(image: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> s
 
 
 class _Shard:
-    """A memory-mapped shard and its parsed header; CacheError names it when damaged."""
+    """A memory-mapped shard; CacheError names it when damaged. Its JSON header is
+    parsed only for entries that do not say where their tensors lie."""
 
     def __init__(self, path: Path, expect: Optional[dict] = None):
         self.name = path.name
@@ -504,11 +509,20 @@ class _Shard:
             self.file.close()
             raise CacheError(f"{self._damaged()}: {size} bytes, the index records {expect['bytes']}")
         self.map = mmap.mmap(self.file.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-        try:
-            self.header, self.start = read_safetensors_header(self.map)
-        except (CacheError, ValueError) as e:
+        if size < 8 or 8 + struct.unpack("<Q", self.map[:8])[0] > size:
             self.close()
-            raise CacheError(f"{self._damaged()}: bad header ({e})") from None
+            raise CacheError(f"{self._damaged()}: truncated header")
+        self.start = 8 + struct.unpack("<Q", self.map[:8])[0]
+        self._header: Optional[dict] = None
+
+    @property
+    def header(self) -> dict:
+        if self._header is None:
+            try:
+                self._header = read_safetensors_header(self.map)[0]
+            except (CacheError, ValueError) as e:
+                raise CacheError(f"{self._damaged()}: bad header ({e})") from None
+        return self._header
 
     def _damaged(self) -> str:
         return f"feature cache shard {self.name} is damaged"
@@ -518,14 +532,16 @@ class _Shard:
         if hashlib.sha256(self.map).hexdigest() != digest:
             raise CacheError(f"{self._damaged()}: checksum mismatch (rerun mlx_llama3v.embed to repair)")
 
+    def span(self, a: int, b: int) -> memoryview:
+        if not 0 <= a <= b <= len(self.map) - self.start:
+            raise CacheError(f"{self._damaged()}: a tensor lies past the end of the file")
+        return memoryview(self.map)[self.start + a : self.start + b]
+
     def raw(self, name: str) -> Tuple[memoryview, dict]:
         info = self.header.get(name)
         if info is None:
             raise CacheError(f"{self._damaged()}: tensor {name} is missing")
-        a, b = info["data_offsets"]
-        if not 0 <= a <= b <= len(self.map) - self.start:
-            raise CacheError(f"{self._damaged()}: tensor {name} lies past the end of the file")
-        return memoryview(self.map)[self.start + a : self.start + b], info
+        return self.span(*info["data_offsets"]), info
 
     def tensor(self, name: str) -> mx.array:
         data, info = self.raw(name)
@@ -644,10 +660,19 @@ class FeatureCache:
 
     def _read(self, shard: _Shard, key: str, entry: dict) -> List[mx.array]:
         raws, crc = [], 0
-        for t in range(len(entry["tiles"])):
-            values = shard.raw(f"{key}.{t}")
-            scale_name = f"{key}.{t}.scale"
-            scales = shard.raw(scale_name) if scale_name in shard.header else None
+        spans = entry.get("spans")
+        tag = TAGS[self.stored_dtype]
+        for t, (rows, cols) in enumerate(entry["tiles"]):
+            if spans is not None:  # where the bytes lie is in the entry: no header needed
+                span = spans[t]
+                values = (shard.span(span[0], span[1]), {"dtype": tag, "shape": [rows * cols, -1]})
+                scales = None
+                if len(span) == 4:
+                    scales = (shard.span(span[2], span[3]), {"dtype": "F32", "shape": [rows * cols, 1]})
+            else:
+                values = shard.raw(f"{key}.{t}")
+                scale_name = f"{key}.{t}.scale"
+                scales = shard.raw(scale_name) if scale_name in shard.header else None
             for part in (values, scales):
                 if part is not None:
                     crc = zlib.crc32(part[0], crc)
@@ -696,7 +721,7 @@ class FeatureCache:
 
 def _is_hex_key(image) -> bool:
     text = os.fspath(image)
-    return isinstance(text, str) and len(text) == 64 and set(text) <= _HEX and not os.path.exists(text)
+    return isinstance(text, str) and len(text) == 64 and set(text) <= _HEX
 
 
 def path_key(lookup: Lookup, path) -> Optional[str]:

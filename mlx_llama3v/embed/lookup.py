@@ -12,7 +12,8 @@ Tables:
 
 - ``shards``: name, and the (size, mtime) of the shard and entry files when their
   checksums were last confirmed, so a rerun re-reads only what changed since;
-- ``images``: sha256 key (32 bytes) -> shard, slice grid, tile patch grids, crc32;
+- ``images``: sha256 key (32 bytes) -> shard and entry (slice grid, tile patch grids,
+  crc32, where each tile's bytes lie in the shard: read without parsing its header);
 - ``paths``: absolute image path -> (size, mtime_ns, key), written by ``embed``, so
   training and reruns find an image's key without hashing the file (and without the
   file at all once it is gone); a file whose size or mtime changed is hashed again.
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS shards(
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
     size INTEGER, mtime_ns INTEGER, entries_size INTEGER, entries_mtime_ns INTEGER);
 CREATE TABLE IF NOT EXISTS images(
-    key BLOB PRIMARY KEY, shard INTEGER NOT NULL, grid TEXT, tiles TEXT NOT NULL, crc INTEGER
+    key BLOB PRIMARY KEY, shard INTEGER NOT NULL, entry TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS paths(
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, key BLOB NOT NULL
@@ -120,15 +121,9 @@ class Lookup:
         sid = cur.lastrowid
         # the first shard to store an image wins, as when the index is read in order
         self.db.executemany(
-            "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO images VALUES (?, ?, ?)",
             (
-                (
-                    bytes.fromhex(key),
-                    sid,
-                    json.dumps(e.get("grid")),
-                    json.dumps(e["tiles"]),
-                    e.get("crc32"),
-                )
+                (bytes.fromhex(key), sid, json.dumps({k: v for k, v in e.items() if k != "source"}))
                 for key, e in entries.items()
             ),
         )
@@ -156,17 +151,10 @@ class Lookup:
             blob = bytes.fromhex(key)
         except ValueError:
             return None
-        row = self.db.execute(
-            "SELECT shard, grid, tiles, crc FROM images WHERE key = ?", (blob,)
-        ).fetchone()
+        row = self.db.execute("SELECT shard, entry FROM images WHERE key = ?", (blob,)).fetchone()
         if row is None:
             return None
-        sid, grid, tiles, crc = row
-        return self.shard_names()[sid], {
-            "grid": json.loads(grid),
-            "tiles": json.loads(tiles),
-            "crc32": crc,
-        }
+        return self.shard_names()[row[0]], json.loads(row[1])
 
     def __len__(self) -> int:
         return self.db.execute("SELECT count(*) FROM images").fetchone()[0]

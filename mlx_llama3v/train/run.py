@@ -24,7 +24,8 @@ from .batching import BatchPlan
 from .checkpoint import CHECKPOINTS, TrainState
 from .data import DataError, DataReport, Encoder, Sample, load_samples, split_train_valid
 from .distributed import World
-from .features import VisionFeatures, tile_patch_counts
+from .features import VisionFeatures, cache_layout, check_cache_settings
+from .readers import ReaderError, check_source
 from .loop import LoopArgs, Trainer
 from .metrics import METRICS, PLOT, plot_losses, read_metrics
 from .tuning import TuneConfig, describe_counts, parameter_counts, prepare_model, save_outputs
@@ -69,13 +70,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     model, processor = load(config.model)
     prepare_model(model, config.tune)
     counts = parameter_counts(model)
-    cache = _feature_cache(config.features)
+    cache = _feature_cache(config.features, processor.config, model.config.family)
     encoder = Encoder(
         processor.tokenizer,
         processor.config,
         model.config.projector_config,
         config.max_length,
-        features=tile_patch_counts(cache) if cache is not None else None,
+        layout=cache_layout(cache, processor.config) if cache is not None else None,
     )
     train_set, valid_set, reports = _read_data(config, encoder, world, log)
     log(describe_counts(counts))
@@ -132,13 +133,17 @@ def _check_out(out: Path, resume: bool) -> None:
         )
 
 
-def _feature_cache(path: Optional[str]):
+def _feature_cache(path: Optional[str], processor_config, family: str):
+    """The cache, checked before any step: made for this preprocessing, every shard there."""
     if path is None:
         return None
     from ..embed import CacheError, FeatureCache
 
     try:
-        return FeatureCache(path)
+        cache = FeatureCache(path)
+        check_cache_settings(cache, processor_config, family)
+        cache.check_files()
+        return cache
     except CacheError as e:
         raise TrainError(str(e)) from None
 
@@ -184,14 +189,17 @@ def _load(paths, encoder, config, world, log):
         Path(config.image_root) if config.image_root else None,
         strict=config.strict,
         keep=world.owns,
+        progress=config.loop.progress and world.is_main,
         log=log if world.size == 1 else (lambda s: print(f"[rank {world.rank}] {s}", file=sys.stderr)),
     )
 
 
 def _exists(paths) -> None:
     for p in paths:
-        if not Path(p).is_file():
-            raise TrainError(f"{p}: no such data file")
+        try:
+            check_source(p)
+        except ReaderError as e:
+            raise TrainError(str(e)) from None
 
 
 def _summarise(reports, world: World, log) -> None:
