@@ -2,8 +2,8 @@
 
 The features read back must equal a direct forward pass of the vision tower (within
 the stored dtype's precision); duplicates are stored once; slice and patch grids are
-recorded; a command killed with SIGKILL (inside a shard write) resumes into the cache
-an uninterrupted run makes; ``--verify`` names a corrupted shard; two ranks under
+recorded; a command killed with SIGKILL (inside a shard write) resumes into the very
+shards, byte for byte, that an uninterrupted run makes; ``--verify`` names a corrupted shard; two ranks under
 ``mlx.launch`` (ring backend, localhost) make the same cache as one.
 """
 
@@ -454,7 +454,7 @@ def test_killed_run_resumes_into_the_same_cache(models, tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 30, seed=3, sizes=((30, 20), (18, 26)))
     reference = tmp_path / "reference"
-    embed(models["bunny"], folder, reference, batch_size=2)
+    embed(models["bunny"], folder, reference, batch_size=2, shard_size_mb=0.001)
     cache_dir = tmp_path / "resumed"
     args = [
         "--model",
@@ -493,6 +493,9 @@ def test_killed_run_resumes_into_the_same_cache(models, tmp_path):
     }, "no stray shard files"
     assert verify(cache_dir) == (30, [])
     assert_same_content(cache_content(cache_dir), cache_content(reference), tol=1e-3)
+    digests = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                         for p in (d / "shards").glob("*.safetensors")}
+    assert digests(cache_dir) == digests(reference), "killed twice, yet byte-identical shards"
 
 
 # ------------------------------------------------------------------ distributed
