@@ -265,3 +265,26 @@ def test_a_damaged_cache_stops_training_naming_the_shard(tiny, tmp_path):
     (cache_dir / "index.json").write_text(json.dumps(index))
     with pytest.raises(TrainError, match="other image settings .*image_size"):
         train(cfg, log=lambda s: None)
+
+
+def test_embed_lists_images_of_every_training_format(tmp_path):
+    from mlx_llama3v.embed.sources import SourceError, list_images
+
+    imgs = write_images(tmp_path / "imgs", 3)
+    rel = [str(p.relative_to(tmp_path)) for p in imgs]
+    minicpm = tmp_path / "minicpm.json"
+    minicpm.write_text(json.dumps([
+        {"id": "0", "image": rel[0], "conversations": []},
+        {"id": "1", "image": {"<image_00>": rel[1], "<image_01>": rel[2]}, "conversations": []},
+    ], indent=2))
+    assert list_images(minicpm) == imgs
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"image": r, "conversations": []} for r in reversed(rel)])
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert list_images(tmp_path / "d.parquet") == imgs[::-1]
+    assert list_images(tmp_path / "saved", image_root=tmp_path) == imgs[::-1]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n{"image": "a.png"},\n{"image": oops}]')
+    with pytest.raises(SourceError, match="line 3"):
+        list_images(bad)

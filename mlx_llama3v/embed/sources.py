@@ -5,8 +5,11 @@ once (the first occurrence wins):
 
 - a folder: every file with an image extension below it, recursively, sorted;
 - a ``.json`` file: a LLaVA-style list of records (or ``{"data": [...]}``) whose
-  ``image`` field is a path or a list of paths; records without one are text-only;
+  ``image`` field is a path, a list of paths, or MiniCPM-V's ``{"<image_00>": path}``;
+  records without one are text-only; read streamed (``train.readers``);
 - a ``.jsonl`` file: one such record per line;
+- a saved Hugging Face dataset folder or a ``.parquet`` file whose ``image`` column
+  holds paths (images stored as bytes inside a dataset are not supported here);
 - any other file: one path per line; blank lines and lines starting with ``#`` are
   ignored.
 
@@ -34,16 +37,20 @@ def list_images(src, image_root=None) -> List[Path]:
     src = Path(src).expanduser()
     if not src.exists():
         raise SourceError(f"image source {src} not found")
-    if src.is_dir():
+    if src.is_dir() and not _is_saved_dataset(src):
         return _unique(_walk(src))
     root = Path(image_root).expanduser() if image_root else src.parent
     if image_root and not root.is_dir():
         raise SourceError(f"--image-root {root} is not a folder")
     suffix = src.suffix.lower()
-    if suffix == ".json":
+    if src.is_dir() or suffix == ".parquet":
+        names = _streamed_images(src)
+    elif suffix == ".json" and not _starts_with(src, b"{"):
+        names = _streamed_images(src)
+    elif suffix == ".json":
         names = _json_images(src)
     elif suffix == ".jsonl":
-        names = _jsonl_images(src)
+        names = _streamed_images(src)
     else:
         names = _text_lines(src)
     return _unique(root / n for n in names)
@@ -91,28 +98,49 @@ def _json_images(path: Path) -> List[str]:
     return [name for i, rec in enumerate(data) for name in _record_images(rec, path, f"record {i}")]
 
 
-def _jsonl_images(path: Path) -> List[str]:
-    out = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path}: invalid JSON on line {n} ({e.msg})") from None
-        out.extend(_record_images(rec, path, f"line {n}"))
-    return out
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(prefix)
+    except OSError as e:
+        raise SourceError(f"cannot read {path} ({e})") from None
+
+
+def _streamed_images(path: Path) -> Iterator[str]:
+    """Image paths of the records of a JSON array / JSONL file or a dataset, streamed."""
+    from ..train.readers import ReaderError, open_records
+
+    try:
+        records = open_records(path)
+        for rec in records:
+            unit = "row" if rec.row else "line"
+            if rec.error:
+                raise SourceError(f"{path}: invalid JSON on {unit} {rec.line} ({rec.error})")
+            yield from _record_images(rec.data, path, f"{unit} {rec.line}")
+    except ReaderError as e:
+        raise SourceError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {path} ({e})") from None
 
 
 def _record_images(rec, path: Path, where: str) -> List[str]:
     if not isinstance(rec, dict):
         raise SourceError(f"{path}: {where} is not an object")
-    image = rec.get("image")
+    image = rec.get("image", rec.get("images"))
     if image is None:
         return []
-    images = image if isinstance(image, list) else [image]
+    images = list(image.values()) if isinstance(image, dict) else image
+    images = images if isinstance(images, list) else [images]
     if not all(isinstance(i, str) and i for i in images):
-        raise SourceError(f"{path}: {where} has an 'image' that is not a path or a list of paths")
+        kind = "image bytes" if any(isinstance(i, bytes) for i in images) else "not a path"
+        raise SourceError(
+            f"{path}: {where} has an 'image' that is {kind} (embed reads image files: "
+            "a path, a list of paths or a {marker: path} mapping)"
+        )
     return images
 
 
@@ -121,5 +149,9 @@ def describe(src) -> str:
     src = Path(src)
     if src.is_dir():
         return f"folder {src}"
-    kind = {".json": "LLaVA JSON", ".jsonl": "LLaVA JSONL"}.get(src.suffix.lower(), "path list")
+    if src.is_dir() and _is_saved_dataset(src):
+        return f"dataset {src}"
+    kind = {".json": "LLaVA JSON", ".jsonl": "LLaVA JSONL", ".parquet": "parquet"}.get(
+        src.suffix.lower(), "path list"
+    )
     return f"{kind} {src}"
