@@ -62,7 +62,7 @@ class BadSample(ValueError):
     """One record cannot be used; ``str(e)`` is the reason."""
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a million samples are held at once
 class Sample:
     """One tokenized conversation ready for batching.
 
