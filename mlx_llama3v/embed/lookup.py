@@ -97,18 +97,28 @@ class Lookup:
         ``read_entries(record) -> {key hex: entry}`` reads a shard's entry file.
         """
         wanted = {r["name"]: r for r in records}
-        known = {name: sid for sid, name in self.db.execute("SELECT id, name FROM shards")}
-        gone = [sid for name, sid in known.items() if name not in wanted]
+        if set(self.shard_names().values()) == set(wanted):
+            return 0
         added = 0
-        with self.db:
-            for sid in gone:
-                self.db.execute("DELETE FROM images WHERE shard = ?", (sid,))
-                self.db.execute("DELETE FROM shards WHERE id = ?", (sid,))
+        # the write lock first, then a fresh look: readers opening the same cache at once
+        # (the ranks of a training run) must not both insert the same shard
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            known = {name: sid for sid, name in self.db.execute("SELECT id, name FROM shards")}
+            for name, sid in known.items():
+                if name not in wanted:
+                    self.db.execute("DELETE FROM images WHERE shard = ?", (sid,))
+                    self.db.execute("DELETE FROM shards WHERE id = ?", (sid,))
             for name, record in wanted.items():
                 if name not in known:
                     self._insert(record, read_entries(record))
                     added += 1
-        self._names = None
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
+        finally:
+            self._names = None
         return added
 
     def add_shard(self, record: dict, entries: dict) -> None:
