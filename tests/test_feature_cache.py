@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -18,7 +17,7 @@ import mlx_llama3v.embed.cache as cache_mod
 import mlx_llama3v.embed.pipeline as pipeline
 from mlx_llama3v.embed import CacheError, FeatureCache, embed, verify
 from mlx_llama3v.embed.lookup import LOOKUP
-from mlx_llama3v.train import TrainConfig, train
+from mlx_llama3v.train import train
 from mlx_llama3v.train.data import DataError
 from mlx_llama3v.train.run import TrainError
 from synthetic_cache import synthetic_key, synthetic_tile, write_synthetic_cache

@@ -279,7 +279,7 @@ def heal(root: Path, log: Callable[[str], None] = lambda s: None) -> List[Tuple[
                     (root / SHARDS / name).unlink(missing_ok=True)
                 log(
                     f"shard {r['name']} was damaged ({problem}): dropped, its {r['images']} "
-                    "images will be encoded again"
+                    f"image{'s' if r['images'] != 1 else ''} will be encoded again"
                 )
         lookup.sync(good, lambda r: read_entries(root, r))
         for name, stats in confirm:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -64,19 +64,6 @@ def project(model, groups: Groups, n_tiles: int) -> Optional[List[mx.array]]:
         for i, rows in zip(idx, model.project(feats, batch)):
             out[i] = rows
     return out
-
-
-def tile_patch_counts(cache) -> Callable[[str], List[int]]:
-    """``src -> [patches per tile]`` from a feature cache, for the data checks."""
-
-    def counts(src: str) -> List[int]:
-        try:
-            item = cache[src]
-        except KeyError as e:
-            raise BadSample(f"{src}: not in the feature cache ({e.args[0] if e.args else e})")
-        return [int(t.shape[0]) for t in item.tiles]
-
-    return counts
 
 
 def cache_layout(cache, processor_config: Mapping[str, Any]):
