@@ -111,7 +111,7 @@ def test_minicpm_v_format_single_and_named_images(tiny, processor):  # noqa: F81
 datasets = pytest.importorskip("datasets")
 
 
-def dataset_rows(tiny, kind: str):
+def dataset_rows(tiny, kind: str):  # noqa: F811
     rows = []
     for i in range(4):
         path = tiny.root / f"img/{i}.png"
