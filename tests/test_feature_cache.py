@@ -287,3 +287,30 @@ def test_embed_lists_images_of_every_training_format(tmp_path):
     bad.write_text('[\n{"image": "a.png"},\n{"image": oops}]')
     with pytest.raises(SourceError, match="line 3"):
         list_images(bad)
+
+
+def test_a_dataset_with_images_inside_embeds_and_trains_from_the_cache(tiny, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [
+        {
+            "image": {"bytes": (tiny.root / f"img/{i % 6}.png").read_bytes(), "path": None},
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in this image?"},
+                {"from": "gpt", "value": f"Answer {i}."},
+            ],
+        }
+        for i in range(8)
+    ]
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+    })
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    summary = embed(str(tiny.model), str(tmp_path / "ds"), str(tmp_path / "cache"), dtype="float32")
+    assert (summary.listed, summary.unique, summary.encoded) == (8, 6, 6)
+    assert verify(tmp_path / "cache") == (1, [])
+    live = train(cached_config(tiny, tmp_path, tmp_path / "ds", "live"), log=lambda s: None)
+    cached = train(cached_config(tiny, tmp_path, tmp_path / "ds", "cached", tmp_path / "cache"),
+                   log=lambda s: None)
+    a, b = read_losses(live.out), read_losses(cached.out)
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-4)

@@ -204,6 +204,6 @@ def file_stat(path) -> Optional[Tuple[int, int]]:
     """(size, mtime_ns), or None when the file cannot be stat'ed."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, TypeError):  # TypeError: not a path (an image inside a dataset)
         return None
     return st.st_size, st.st_mtime_ns

@@ -70,6 +70,8 @@ def prepare(item: WorkItem, processor_config: dict) -> Prepared:
         data = item.path.read_bytes()
     except OSError as e:
         return Prepared(item, error=f"{item.path}: cannot read file ({e.strerror or e})")
+    except Exception as e:  # an image inside a dataset: datasets / pyarrow errors
+        return Prepared(item, error=f"{item.path}: cannot read the image ({e})")
     if hashlib.sha256(data).hexdigest() != item.key:
         return Prepared(item, error=f"{item.path}: file changed while the command ran")
     src = io.BytesIO(data)

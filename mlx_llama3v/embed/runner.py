@@ -219,6 +219,11 @@ def cached_keys(lookup: Lookup) -> set:
 def hash_file(path: Path, known=None) -> Tuple[Optional[bytes], Optional[str], Optional[tuple]]:
     """(sha256, error, (size, mtime_ns) before reading); ``known`` = (size, mtime_ns,
     key) from the path map, used instead of reading when the file still matches it."""
+    if not isinstance(path, Path):  # an image inside a dataset
+        try:
+            return hashlib.sha256(path.read_bytes()).digest(), None, None
+        except Exception as e:  # datasets / pyarrow errors come in many types
+            return None, f"{path}: cannot read the image ({e})", None
     st = file_stat(path)
     if known is not None and st is not None and st == tuple(known[:2]):
         return bytes.fromhex(known[2]), None, st
@@ -249,8 +254,9 @@ def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool, 
     """
     index = list(share(len(paths), group.rank, group.size))
     mine = [paths[i] for i in index]
-    known = lookup.path_entries([normalised_path(p) for p in mine]) if lookup else {}
-    work = lambda p: hash_file(p, known.get(normalised_path(p)))  # noqa: E731
+    files = [normalised_path(p) for p in mine if isinstance(p, Path)]
+    known = lookup.path_entries(files) if lookup else {}
+    work = lambda p: hash_file(p, known.get(normalised_path(p)) if isinstance(p, Path) else None)  # noqa: E731
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
             _bar(pool.map(work, mine), len(mine), "hashing", progress and len(mine) > 500)
@@ -262,6 +268,8 @@ def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool, 
         stats = {i: st for i, (_, _, st) in zip(index, results)}
         rows = []
         for i, (path, key) in enumerate(zip(paths, keys)):
+            if not isinstance(path, Path):
+                continue
             st = stats[i] if i in stats else file_stat(path)  # other ranks' share: stat here
             if key is not None and st is not None:
                 rows.append((normalised_path(path), st[0], st[1], key))

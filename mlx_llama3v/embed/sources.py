@@ -8,8 +8,10 @@ once (the first occurrence wins):
   ``image`` field is a path, a list of paths, or MiniCPM-V's ``{"<image_00>": path}``;
   records without one are text-only; read streamed (``train.readers``);
 - a ``.jsonl`` file: one such record per line;
-- a saved Hugging Face dataset folder or a ``.parquet`` file whose ``image`` column
-  holds paths (images stored as bytes inside a dataset are not supported here);
+- a saved Hugging Face dataset folder or a ``.parquet`` file whose ``image`` (or
+  ``images``) column holds paths or the images themselves (``datasets.Image`` /
+  ``{"bytes", "path"}``): those become ``DatasetImage`` items, read from the
+  memory-mapped dataset when they are hashed and decoded, never all held at once;
 - any other file: one path per line; blank lines and lines starting with ``#`` are
   ignored.
 
@@ -44,7 +46,7 @@ def list_images(src, image_root=None) -> List[Path]:
         raise SourceError(f"--image-root {root} is not a folder")
     suffix = src.suffix.lower()
     if src.is_dir() or suffix == ".parquet":
-        names = _streamed_images(src)
+        names = _dataset_images(src)
     elif suffix == ".json" and not _starts_with(src, b"{"):
         names = _streamed_images(src)
     elif suffix == ".json":
@@ -53,7 +55,73 @@ def list_images(src, image_root=None) -> List[Path]:
         names = _streamed_images(src)
     else:
         names = _text_lines(src)
-    return _unique(root / n for n in names)
+    return _unique(n if isinstance(n, DatasetImage) else root / n for n in names)
+
+
+class DatasetImage:
+    """An image stored inside a dataset row, read on demand (``read_bytes``).
+
+    ``sub`` picks it out of a list or ``{marker: image}`` value; the name
+    (``dataset[row].column``) stands for it in messages and reports.
+    """
+
+    def __init__(self, ds, row: int, column: str, sub, source: Path):
+        self.ds, self.row, self.column, self.sub = ds, row, column, sub
+        self.name = f"{source}[{row}].{column}" + ("" if sub is None else f"[{sub!r}]")
+
+    def read_bytes(self) -> bytes:
+        value = self.ds[self.row][self.column]
+        if self.sub is not None:
+            value = value[self.sub]
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        if not isinstance(value, (bytes, bytearray)):
+            raise OSError(f"no image bytes in {self.name}")
+        return bytes(value)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def _dataset_images(path: Path) -> Iterator:
+    """Paths (relative ones as they are) and ``DatasetImage`` items of a dataset's image column."""
+    from ..train.readers import ReaderError, load_local_dataset
+
+    try:
+        ds = load_local_dataset(path)
+    except ReaderError as e:
+        raise SourceError(str(e)) from None
+    column = next((c for c in ("image", "images") if c in ds.column_names), None)
+    if column is None:
+        return
+    view = ds.select_columns([column])
+    for start in range(0, len(view), 1000):
+        for j, value in enumerate(view[start : start + 1000][column]):
+            yield from _dataset_values(value, ds, start + j, column, None, path)
+
+
+def _dataset_values(value, ds, row: int, column: str, sub, path: Path) -> Iterator:
+    if value is None:
+        return
+    if isinstance(value, str) and value:
+        yield value
+    elif isinstance(value, (bytes, bytearray)) or (
+        isinstance(value, dict) and value.get("bytes") is not None
+    ):
+        yield DatasetImage(ds, row, column, sub, path)
+    elif isinstance(value, dict) and value.get("path"):
+        yield value["path"]
+    elif isinstance(value, dict) and sub is None:  # MiniCPM-V {marker: image}
+        for k, v in value.items():
+            yield from _dataset_values(v, ds, row, column, k, path)
+    elif isinstance(value, list) and sub is None:
+        for k, v in enumerate(value):
+            yield from _dataset_values(v, ds, row, column, k, path)
+    else:
+        raise SourceError(f"{path}: row {row} has an {column!r} that is not an image or a path")
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -64,9 +132,14 @@ def _walk(folder: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _unique(paths: Iterable[Path]) -> List[Path]:
+def _unique(paths: Iterable) -> List:
     seen, out = set(), []
     for p in paths:
+        if isinstance(p, DatasetImage):
+            if p.name not in seen:
+                seen.add(p.name)
+                out.append(p)
+            continue
         key = os.path.normpath(p)
         if key not in seen:
             seen.add(key)

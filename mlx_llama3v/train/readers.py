@@ -273,6 +273,24 @@ def _dataset_records(source) -> RecordStream:
     return stream
 
 
+def load_local_dataset(path: Path):
+    """A saved dataset folder (its ``train`` split) or a parquet file as a memory-mapped
+    ``datasets.Dataset``, image columns undecoded (for random access by row)."""
+    datasets = _import_datasets()
+    try:
+        if Path(path).suffix.lower() == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path))
+        else:
+            ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets and pyarrow raise many types
+        raise ReaderError(f"{path}: cannot open the dataset ({first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ReaderError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
+        ds = ds["train"]
+    return _raw_images(ds, datasets)
+
+
 def _raw_images(ds, datasets):
     """Image columns as ``{"bytes", "path"}`` (no decoding while reading)."""
     features = getattr(ds, "features", None) or {}
