@@ -202,3 +202,13 @@ def test_sources_that_cannot_be_read(tmp_path):
         check_source(tmp_path / "folder")
     with pytest.raises(ReaderError, match="expected hf:"):
         check_source("hf:")
+
+
+def test_reading_shows_progress_with_rate_and_eta(tiny, processor, capsys):  # noqa: F811
+    path = tiny.root / "many.jsonl"
+    path.write_text("".join(json.dumps(llava(i)) + "\n" for i in range(20)))
+    samples, _ = load_samples([path], encoder(processor), progress=True)
+    err = capsys.readouterr().err
+    assert len(samples) == 20
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("reading many.jsonl: 100%") and "<00:00" in last and "B/s" in last, last
