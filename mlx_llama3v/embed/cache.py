@@ -4,7 +4,9 @@ A cache folder holds::
 
     index.json                 settings + the committed shards, with checksums
     shards/r000-000001.safetensors   features: "<sha256>.<tile>" (+ ".<tile>.scale" for int8)
-    shards/r000-000001.json    the shard's images: sha256 -> slice grid, tile patch grids
+    shards/r000-000001.json    the shard's images: sha256 -> slice grid, tile patch grids,
+                               crc32 of its tensors, where their bytes lie in the shard
+    lookup.sqlite              the lookup table (``lookup``): key -> shard + entry, path -> key
     report.json                the last run's counts, skipped images, bytes and error
     index.rank<R>.json         per-rank journals of a distributed run (merged at its end)
 
@@ -21,7 +23,14 @@ and renamed; only then is the shard added to the index (itself written to a temp
 file and renamed). A kill at any moment leaves the index naming only complete,
 checksummed shards; files it does not name are removed by the next run.
 
-The reader memory-maps shards and reads only the tensors asked for.
+Healing (``heal``, at the start of every run): a committed shard whose files are
+missing, of the wrong size, or (when their size or mtime changed since they were last
+confirmed) fail their checksums is dropped from the index, so its images are encoded
+again and the cache passes ``verify`` afterwards.
+
+The reader opens the index and the lookup table only (no per-image dict), memory-maps
+shards, reads only the tensors asked for, and checks each image's crc32 (entries of the
+first format, without one: the shard's sha256, once), naming a damaged shard.
 """
 
 from __future__ import annotations

@@ -1,18 +1,24 @@
 """Training data: read conversations with images, tokenize them, mask the loss.
 
-Two local formats, one record per JSONL line or as a JSON array (``[`` first):
+Records come from ``readers`` (JSONL, JSON arrays, Hugging Face datasets; streamed) in
+these formats:
 
 - LLaVA: ``{"image": "a.jpg" | [...], "conversations": [{"from": "human", "value":
   "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}``; roles
   human/user, gpt/assistant, system. Each ``<image>`` marker becomes the next image
   at that place; with no marker the images open the first human turn (LLaVA's rule).
+- MiniCPM-V's: the same with ``role``/``content`` turns, and ``image`` a path or a
+  ``{"<image_00>": path, ...}`` map whose markers place each image in the text.
 - chat: ``{"messages": [{"role": "user", "content": [{"type": "image_url",
   "image_url": {"url": "a.jpg"}}, {"type": "text", "text": "What is this?"}]},
   {"role": "assistant", "content": "A cat."}], "images": [...]}`` with OpenAI-style
   content parts (``image_url``, or ``image`` with a path, or ``image`` taking the next
   of ``images``).
 
-Relative image paths are read under ``image_root`` (default: the data file's folder).
+Relative image paths are read under ``image_root`` (default: the data file's folder);
+images stored in a dataset arrive as ``ImageBytes``. With a feature cache the
+``Encoder`` takes each image's key and tile layout from the cache (``layout``) and
+opens no image file.
 
 The loss falls on assistant tokens only, found from the chat template itself: the
 tokens of assistant turn i are those between the rendering of messages[:i] with the
