@@ -53,6 +53,13 @@ class Lookup:
         self._names: Optional[dict] = None
 
     def _connect(self, writable: bool) -> sqlite3.Connection:
+        db = self._open(writable)
+        # random lookups over a large table: read it through a memory map, not read() calls
+        db.execute("PRAGMA mmap_size = 1073741824")
+        db.execute("PRAGMA cache_size = -32768")
+        return db
+
+    def _open(self, writable: bool) -> sqlite3.Connection:
         if writable:
             try:
                 db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
@@ -63,7 +70,7 @@ class Lookup:
                 try:
                     db.close()
                     self.path.unlink()
-                    return self._connect(True)
+                    return self._open(True)
                 except OSError:
                     pass
             except OSError:
