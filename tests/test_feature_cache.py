@@ -314,3 +314,22 @@ def test_a_dataset_with_images_inside_embeds_and_trains_from_the_cache(tiny, tmp
                    log=lambda s: None)
     a, b = read_losses(live.out), read_losses(cached.out)
     np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-4)
+
+
+def test_a_rerun_reads_no_image_file_already_done(models, tmp_path, monkeypatch):  # noqa: F811
+    import os
+
+    import mlx_llama3v.embed.runner as runner
+
+    folder = tmp_path / "imgs"
+    paths = write_images(folder, 6)
+    embed(models["bunny"], folder, tmp_path / "c")
+    hashed = []
+    real = runner._hash_file
+    monkeypatch.setattr(runner, "_hash_file", lambda p: hashed.append(p.name) or real(p))
+    again = embed(models["bunny"], folder, tmp_path / "c")
+    assert (again.cached, again.encoded, hashed) == (6, 0, []), "keys from the path map"
+    st = paths[2].stat()
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes
+    again = embed(models["bunny"], folder, tmp_path / "c")
+    assert (again.cached, again.encoded, hashed) == (6, 0, [paths[2].name])

@@ -272,7 +272,9 @@ def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool, 
                 continue
             st = stats[i] if i in stats else file_stat(path)  # other ranks' share: stat here
             if key is not None and st is not None:
-                rows.append((normalised_path(path), st[0], st[1], key))
+                name = normalised_path(path)
+                if known.get(name) != (*st, key):  # only what is new or changed
+                    rows.append((name, st[0], st[1], key))
         lookup.put_paths(rows)
     return keys, failures
 
