@@ -73,12 +73,14 @@ class Sample:
     """One tokenized conversation ready for batching.
 
     ``ids`` (int32) is the whole sequence; ``targets[t]`` is True where token t is
-    an assistant token (learnt from position t - 1). ``images`` are the sources in
-    placeholder order; ``tile_patches[k]`` the patch count of each tile of image k.
+    an assistant token (learnt from position t - 1), kept as the ``spans`` of the
+    answers, [start, end) pairs (a few ints instead of a byte per token). ``images``
+    are the sources in placeholder order; ``tile_patches[k]`` the patch count of each
+    tile of image k.
     """
 
     ids: np.ndarray
-    targets: np.ndarray
+    spans: Tuple[Tuple[int, int], ...]
     images: List[Any]
     tile_patches: List[List[int]]
     where: str
@@ -89,8 +91,15 @@ class Sample:
         return len(self.ids)
 
     @property
+    def targets(self) -> np.ndarray:
+        out = np.zeros(len(self.ids), dtype=bool)
+        for start, end in self.spans:
+            out[start:end] = True
+        return out
+
+    @property
     def num_targets(self) -> int:
-        return int(self.targets.sum())
+        return sum(end - start for start, end in self.spans)
 
 
 @dataclass
@@ -315,12 +324,9 @@ class Encoder:
         if not spans:
             raise BadSample("no assistant turn (nothing to learn)")
         ids = full.input_ids
-        targets = np.zeros(len(ids), dtype=bool)
-        for start, end in spans:
-            targets[start:end] = True
         patches = self._tile_patches(full)
         self._check_features(ids, patches, messages)
-        sample = Sample(ids, targets, _image_sources(messages), patches, where)
+        sample = Sample(ids, tuple(spans), _image_sources(messages), patches, where)
         return self._fit(sample, spans, full)
 
     def _render(self, messages, generation_prompt: bool):
@@ -383,7 +389,8 @@ class Encoder:
                 f"too long: {T} tokens > max length {limit}, and the cut would fall inside "
                 "an image"
             )
-        if not sample.targets[:cut].any():
+        kept_spans = tuple((a, min(b, cut)) for a, b in sample.spans if a < cut)
+        if not kept_spans:
             first = spans[0][0]
             raise BadSample(
                 f"too long: {T} tokens > max length {limit} (the first answer starts at "
@@ -392,8 +399,8 @@ class Encoder:
         kept = sum(1 for _, e in image_spans if e <= cut)
         dropped_images = len(sample.images) - kept
         short = Sample(
-            sample.ids[:cut],
-            sample.targets[:cut],
+            sample.ids[:cut].copy(),  # not a view that keeps the whole sequence
+            kept_spans,
             sample.images[:kept],
             sample.tile_patches[:kept],
             sample.where,
