@@ -13,11 +13,12 @@ into a hidden staging folder renamed at the end.
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from pathlib import Path
 
 import typer
+
+from .cli import command, new_app, run_app
+from .errors import UserError
 
 ADAPTER_FILES = ("adapter_config.json", "projector.safetensors")
 TOKENIZER_FILES = (
@@ -30,7 +31,7 @@ TOKENIZER_FILES = (
 )
 
 
-class FuseError(ValueError):
+class FuseError(UserError, ValueError):
     """The model or adapters cannot be fused; the message is one line."""
 
 
@@ -116,12 +117,13 @@ def _write_card(folder: Path, model: str, adapters: Path, dequantize: bool) -> N
 
 
 # ------------------------------------------------------------------ command line
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = new_app()
 
 
-@app.command(
+@command(
+    app,
     help="Fuse adapters from mlx_llama3v.train (LoRA/DoRA/full adapters and a retrained "
-    "projector) into a standalone model folder that load() opens."
+    "projector) into a standalone model folder that load() opens.",
 )
 def run(
     model: str = typer.Option(..., "--model", "-m", help="The converted base model folder."),
@@ -130,18 +132,12 @@ def run(
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights (de-quantize a QLoRA base)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
-    try:
-        out = fuse(model, str(adapter_path), str(save_path), dequantize=dequantize, force=force)
-    except FuseError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    out = fuse(model, str(adapter_path), str(save_path), dequantize=dequantize, force=force)
     typer.echo(f"Saved to {out}")
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so the staging folder is removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    app(prog_name="mlx_llama3v.fuse")
+    run_app(app, "mlx_llama3v.fuse")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from . import convert as converter
 from .config import FAMILIES, ModelConfig
 from .models.llama3v import Model
 from .processing import PromptInputs, build_prompt
+from .errors import UserError
 
 CACHE_ENV = "MLX_LLAMA3V_CACHE"
 
@@ -73,7 +74,7 @@ ADAPTERS = "adapters.safetensors"
 PROJECTOR = "projector.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter folder is missing, malformed, or does not fit the model (one line)."""
 
 

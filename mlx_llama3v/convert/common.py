@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 from ..config import ModelConfig
 from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
+from ..errors import UserError
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -42,7 +43,7 @@ RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
 PAUSE_ENV = "MLX_LLAMA3V_CONVERT_PAUSE"
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """The input cannot be converted; the message is one line for the user."""
 
 

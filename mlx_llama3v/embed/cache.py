@@ -43,6 +43,7 @@ import numpy as np
 from ..atomic import fsync_path, temp_name, write_atomic
 from ..models.vision import TileBatch
 from .codec import MLX, NUMPY, TAGS, ErrorStats
+from ..errors import UserError
 
 FORMAT = "mlx_llama3v.embed"
 VERSION = 1
@@ -52,7 +53,7 @@ REPORT = "report.json"
 _HEX = frozenset("0123456789abcdef")
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """The cache folder cannot be used as asked; the message is one line for the user."""
 
 

@@ -38,6 +38,7 @@ from .codec import ErrorStats, check_dtype
 from .distributed import Group, exchange_digests, owners, share
 from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
+from ..errors import UserError
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
 PREPROCESSING_KEYS = (
@@ -52,7 +53,7 @@ PREPROCESSING_KEYS = (
 )
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
     """A problem the user can fix; the message is one line."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ..errors import UserError
 
 # Decompression-bomb guard: 8192 x 8192 (about 67 megapixels). The declared size is
 # checked from the file header, before the pixel data is decoded. Pillow's own guard
@@ -26,7 +27,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image could not be loaded; the message names the source."""
 
 

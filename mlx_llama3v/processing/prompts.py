@@ -37,13 +37,14 @@ import numpy as np
 from .images import MAX_IMAGE_PIXELS
 from .processor import ProcessedImage, preprocess_image, resolve_processor_config
 from .slicing import Grid
+from ..errors import UserError
 
 BUNNY_TURN_END = "<|end_of_text|>"
 ROLES = ("system", "user", "assistant")
 _FROM_LIST = object()  # an image part that takes the next of ``images``
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A conversation cannot be turned into model input with this tokenizer/config."""
 
 

@@ -31,12 +31,13 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..atomic import fsync_path, write_atomic
 from .tuning import ADAPTERS, PROJECTOR
+from ..errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The checkpoint cannot continue this run; the message is one line."""
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
 from ..processing.processor import resolve_processor_config
+from ..errors import UserError
 
 ROLE_ALIASES = {
     "human": "user",
@@ -53,7 +54,7 @@ ROLE_ALIASES = {
 IMAGE_MARKER = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record under ``strict``: the message is one line, ``file:line: reason``."""
 
 

@@ -28,9 +28,10 @@ from .features import VisionFeatures, tile_patch_counts
 from .loop import LoopArgs, Trainer
 from .metrics import METRICS, PLOT, plot_losses, read_metrics
 from .tuning import TuneConfig, describe_counts, parameter_counts, prepare_model, save_outputs
+from ..errors import UserError
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """The run cannot start as asked; the message is one line for the user."""
 
 
