@@ -48,8 +48,8 @@ def fuse(
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save_model
 
-    from .convert.common import check_target, copy_if_present, staging, write_config
-    from .loading import AdapterError, load, load_adapters, _local_or_download
+    from .convert.common import check_target, copy_if_present, record_checksums, staging, write_config
+    from .loading import AdapterError, load, load_adapters, local_or_download
     from .train.tuning import load_projector
 
     adapters = Path(adapter_path).expanduser()
@@ -78,10 +78,11 @@ def fuse(
         dequantize_model(net)
         net.config.quantization = None
     mx.eval(net.parameters())
-    source = _local_or_download(str(model))
+    source = local_or_download(str(model))
     extra = _extra_config(source)
     with staging(target, force) as tmp:
         save_model(tmp, net, donate_model=True)
+        record_checksums(tmp)
         write_config(net.config, extra, tmp)
         copy_if_present(source, tmp, TOKENIZER_FILES)
         _write_card(tmp, model, adapters, dequantize)

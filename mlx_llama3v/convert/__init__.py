@@ -44,6 +44,7 @@ from .common import (
     pause_for_tests,
     quantize_parts,
     read_checkpoint,
+    record_checksums,
     staging,
     write_config,
     write_tokenizer,
@@ -106,6 +107,7 @@ def convert(
             parts += ["projector"] if quantize_projector else []
             config.quantization = quantize_parts(model, q_bits, q_group_size, parts)
         save_model(tmp, model, donate_model=True)
+        record_checksums(tmp)
         pause_for_tests()
         write_config(config, source.extra_config, tmp)
         copy_if_present(source.tokenizer_dir, tmp, ["generation_config.json"])

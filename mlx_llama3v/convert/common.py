@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,13 +22,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.utils import _download, quantize_model, save_config
+from mlx_lm.utils import quantize_model
 from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig
 from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
+from .._mlx_lm import download, save_config
 from ..errors import UserError
+from ..files import check_safetensors, write_checksums, writing
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -108,7 +109,7 @@ def resolve(path_or_repo: str) -> Path:
     if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
         raise ConvertError(f"{path_or_repo}: no such folder (and not a Hugging Face repo id)")
     try:
-        return _download(path_or_repo)
+        return download(path_or_repo)
     except Exception as e:  # hub errors come in many types
         raise ConvertError(f"{path_or_repo}: cannot download ({_one_line(e)})") from None
 
@@ -154,25 +155,7 @@ def weight_files(folder: Path) -> List[Path]:
 
 def safetensors_keys(path: Path) -> List[str]:
     """Tensor names in a safetensors file, after checking the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConvertError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise ConvertError(f"{path}: truncated safetensors file (header cut short)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ConvertError(f"{path}: corrupt safetensors header") from None
-    keys = [k for k in header if k != "__metadata__"]
-    end = max((header[k]["data_offsets"][1] for k in keys), default=0)
-    if 8 + n + end > size:
-        raise ConvertError(
-            f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})"
-        )
-    return keys
+    return [k for k in check_safetensors(path) if k != "__metadata__"]
 
 
 def checkpoint_keys(folder: Path) -> Tuple[List[Path], List[str]]:
@@ -485,13 +468,15 @@ def staging(target: Path, force: bool) -> Iterator[Path]:
     """
     target = target.absolute()
     check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(target)
+        tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
-        yield tmp
+        with writing(target):
+            yield tmp
         check_target(target, force)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -531,7 +516,12 @@ def write_config(config: ModelConfig, extra: dict, folder: Path) -> None:
     out = {**extra, **config.to_dict()}
     if out.get("quantization") is None:
         out.pop("quantization", None)
-    save_config(out, folder / "config.json", keep_vision_config=True)
+    save_config(out, folder / "config.json")
+
+
+def record_checksums(folder: Path) -> None:
+    """``checksums.json`` for the weight files, so ``load(verify=True)`` can check them."""
+    write_checksums(folder, [f.name for f in folder.glob("model*.safetensors")])
 
 
 def copy_if_present(src: Path, dst: Path, names: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..atomic import fsync_path, write_atomic
+from ..files import fsync_path, write_atomic, writing
 from .tuning import ADAPTERS, PROJECTOR
 from ..errors import UserError
 
@@ -55,21 +55,25 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically, point ``latest`` at it, keep the last ``keep``."""
     root = Path(out) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state.rng_key = [int(v) for v in mx.random.state[0].tolist()]
-    write_weights(tmp)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_path(f)
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            state.rng_key = [int(v) for v in mx.random.state[0].tolist()]
+            write_weights(tmp)
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+            (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+            for f in tmp.iterdir():
+                fsync_path(f)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no temporary folder
     write_atomic(root / LATEST, (name + "\n").encode())
     _prune(root, keep, final)
     return final
