@@ -61,6 +61,21 @@ def output_error(path, error: BaseException) -> OutputError:
     return OutputError(f"{path}: cannot write the output ({reason})")
 
 
+def check_writable(path) -> None:
+    """Fail early (before slow work) when ``path`` cannot be created or written:
+    a file where a folder should be, a read-only file system, no permission."""
+    given, path = path, Path(path).absolute()
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise OutputError(f"{given}: cannot write the output ({blocker} is a file, not a folder)")
+    folder = next((p for p in [path, *path.parents] if p.is_dir()), None)
+    if folder is None:
+        return
+    state = _disk_state(folder)
+    if state == os.strerror(errno.EROFS) or not os.access(folder, os.W_OK):
+        raise OutputError(f"{given}: cannot write the output ({state or os.strerror(errno.EACCES)})")
+
+
 def _file_above(path: Path) -> Optional[Path]:
     """The regular file standing where a folder above ``path`` should be, if any."""
     for parent in path.parents:

@@ -202,3 +202,58 @@ def test_convert_records_checksums_that_load_can_verify(model_copy):
     (model_copy / CHECKSUMS).unlink()
     with pytest.raises(Exception, match="no checksums.json"):
         load(model_copy, verify=True)
+
+
+# ------------------------------------------------------------------ embed and train
+def test_embed_and_train_outputs_under_a_regular_file(tiny_setup, tmp_path):
+    from mlx_llama3v.embed.cli import app as embed_app
+    from mlx_llama3v.train.cli import app as train_app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    images = tiny_setup.images[0].parent
+    assert_one_error(
+        embed_app, ["--model", tiny_setup.model, "--images", images, "--out", blocker / "cache"],
+        f"{blocker / 'cache'}: cannot write the output ({blocker} is a file, not a folder)",
+    )
+    assert_one_error(
+        train_app,
+        ["--model", tiny_setup.model, "--data", tiny_setup.data, "--out", blocker / "run",
+         "--stage", "pretrain", "--iters", "1", "--batch-size", "1", "--no-progress"],
+        f"{blocker / 'run'}: cannot write the output ({blocker} is a file, not a folder)",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_embed_strict_leaves_no_empty_cache(tiny_setup, tmp_path):
+    from mlx_llama3v.embed.cli import app as embed_app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    out = tmp_path / "cache"
+    assert_one_error(
+        embed_app, ["--model", tiny_setup.model, "--images", images, "--out", out, "--strict"],
+        "broken.png", "(--strict)",
+    )
+    assert not out.exists()
+
+
+def test_features_from_another_model_are_one_settings_error(tiny_setup, tmp_path):
+    from hf_checkpoints import make_minicpm
+    from mlx_llama3v.convert import convert
+    from mlx_llama3v.embed import embed
+    from mlx_llama3v.train.cli import app as train_app
+
+    other = make_minicpm(tmp_path / "other-hf", seed=1)  # same shapes, other weights
+    other_model = convert(str(other.path), tmp_path / "other", dtype="float32")
+    embed(str(other_model), str(tiny_setup.images[0].parent), str(tmp_path / "feats"))
+    out = tmp_path / "run"
+    err = assert_one_error(
+        train_app,
+        ["--model", tiny_setup.model, "--data", tiny_setup.data, "--features", tmp_path / "feats",
+         "--out", out, "--stage", "pretrain", "--iters", "1", "--batch-size", "1", "--no-progress"],
+        f"{tmp_path / 'feats'}: the feature cache was made with other settings than",
+        "vision_fingerprint",
+    )
+    assert "skipped" not in err and not (out / "checkpoints").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from .distributed import Group, exchange_digests, owners, share
 from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
 from ..errors import UserError
+from ..files import output_error, writing
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
 PREPROCESSING_KEYS = (
@@ -163,6 +165,21 @@ def make_settings(tower: VisionTower, processor_config: dict, family: str, dtype
 
 # ------------------------------------------------------------------ steps
 @contextmanager
+def _no_empty_cache_left(root: Path, fresh: bool):
+    """A run that created the cache (under its lock) and stops before committing any
+    image removes it again."""
+    try:
+        yield
+    except BaseException:
+        try:
+            if fresh and root.is_dir() and not committed_shards(root):
+                shutil.rmtree(root, ignore_errors=True)
+        except (CacheError, OSError, ValueError):
+            pass
+        raise
+
+
+@contextmanager
 def locked(root: Path, enabled: bool):
     """Hold an exclusive lock on ``root/.lock`` (one writer per cache folder)."""
     if not enabled:
@@ -173,8 +190,10 @@ def locked(root: Path, enabled: bool):
     except ImportError:  # no POSIX locks: run unguarded
         yield
         return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -192,8 +211,10 @@ def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> Lis
             cache_mod.remove_orphans(root, committed_shards(root))
             for stale in root.glob("report.rank*.json"):  # from an interrupted distributed run
                 stale.unlink()
-        except (CacheError, OSError) as e:
+        except CacheError as e:
             problem = str(e)
+        except OSError as e:
+            problem = str(output_error(root, e))
     if not group.agree(problem is None):
         raise EmbedError(problem or "rank 0 could not open the output folder")
     return committed_shards(root)
@@ -406,7 +427,8 @@ def embed(
         except CacheError as e:
             raise EmbedError(str(e)) from None
     t_work = time.perf_counter()
-    with locked(root, group.rank == 0):
+    fresh = group.rank == 0 and not root.exists()
+    with locked(root, group.rank == 0), _no_empty_cache_left(root, fresh):
         records = open_cache(root, settings, model_name, group)
         plan = plan_work(paths, cached_keys(root, records), group, workers, strict, progress)
         if group.rank == 0:

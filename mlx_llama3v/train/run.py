@@ -29,6 +29,7 @@ from .loop import LoopArgs, Trainer
 from .metrics import METRICS, PLOT, plot_losses, read_metrics
 from .tuning import TuneConfig, describe_counts, parameter_counts, prepare_model, save_outputs
 from ..errors import UserError
+from ..files import check_writable, writing
 
 
 class TrainError(UserError, ValueError):
@@ -70,7 +71,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     model, processor = load(config.model)
     prepare_model(model, config.tune)
     counts = parameter_counts(model)
-    cache = _feature_cache(config.features)
+    cache = _feature_cache(config.features, model, config.model)
     encoder = Encoder(
         processor.tokenizer,
         processor.config,
@@ -108,7 +109,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
         log,
     )
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
     if config.resume and not trainer.resume():
         log(f"no checkpoint in {out}: starting from the beginning")
     if trainer.state.step == 0:
@@ -126,6 +128,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
 
 
 def _check_out(out: Path, resume: bool) -> None:
+    check_writable(out)
     if not resume and (out / CHECKPOINTS).exists():
         raise TrainError(
             f"{out} already holds a training run: pass --resume to continue it, "
@@ -133,15 +136,32 @@ def _check_out(out: Path, resume: bool) -> None:
         )
 
 
-def _feature_cache(path: Optional[str]):
+# the cache settings that must match the model being trained
+MATCHING_SETTINGS = ("family", "vision_config", "preprocessing", "vision_fingerprint")
+
+
+def _feature_cache(path: Optional[str], model, model_name: str):
+    """The ``--features`` cache, refused at once if another model (or other image
+    settings) made it."""
     if path is None:
         return None
     from ..embed import CacheError, FeatureCache
+    from ..embed.runner import load_vision, make_settings
 
     try:
-        return FeatureCache(path)
+        cache = FeatureCache(path)
     except CacheError as e:
         raise TrainError(str(e)) from None
+    tower, processor_config, family, _ = load_vision(model)
+    expected = make_settings(tower, processor_config, family, cache.settings.get("dtype", ""))
+    differ = [k for k in MATCHING_SETTINGS if cache.settings.get(k) != expected[k]]
+    if differ:
+        raise TrainError(
+            f"{path}: the feature cache was made with other settings than {model_name} "
+            f"({', '.join(differ)} differ); encode the images again with mlx_llama3v.embed "
+            "--model for this model, or leave out --features"
+        )
+    return cache
 
 
 def _read_data(
