@@ -554,7 +554,7 @@ def test_two_ranks_with_mlx_launch_make_the_same_cache(models, photos, tmp_path)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}")
+        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}") from None
     # the launcher exits 0 even when a rank fails: check what the ranks wrote
     assert "over 2 ranks" in out, (out, err)
     index = json.loads((two / "index.json").read_text())

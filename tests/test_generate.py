@@ -599,4 +599,4 @@ def test_lazy_exports_stay_the_functions_once_their_modules_are_imported():
     assert mlx_llama3v.load is load_function
     assert {"load", "generate", "stream_generate"} <= set(dir(mlx_llama3v))
     with pytest.raises(AttributeError):
-        mlx_llama3v.no_such_name
+        mlx_llama3v.no_such_name  # noqa: B018

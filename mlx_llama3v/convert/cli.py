@@ -5,7 +5,6 @@ Input problems print one ``error: ...`` line on stderr and exit with status 2.
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional

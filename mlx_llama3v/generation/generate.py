@@ -50,7 +50,7 @@ from ..processing import PromptError
 from . import cli
 from .features import image_features, tile_key
 from .prompt_cache import PromptCache, token_keys
-from .sampling import DEFAULT_MAX_TOKENS, SAMPLING_HELP, GenerationOptions, with_generation_options
+from .sampling import SAMPLING_HELP, GenerationOptions, with_generation_options
 from .text import StopStrings, text_tokenizer
 
 # The released Llama 3-V weights. openbmb/MiniCPM-Llama3-V-2_5 holds the same weights

@@ -160,7 +160,7 @@ def _normalise_messages(messages, images) -> Tuple[List[Tuple[str, list]], List[
         if role not in ROLES:
             raise PromptError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
         parts = _parts(content, i)
-        for kind, value in parts:
+        for kind, _ in parts:
             if kind == "image" and role != "user":
                 raise PromptError(f"message {i}: images are only allowed in user messages")
         turns.append((role, parts))

@@ -60,7 +60,7 @@ def tile_patch_counts(cache) -> Callable[[str], List[int]]:
         try:
             item = cache[src]
         except KeyError as e:
-            raise BadSample(f"{src}: not in the feature cache ({e.args[0] if e.args else e})")
+            raise BadSample(f"{src}: not in the feature cache ({e.args[0] if e.args else e})") from None
         return [int(t.shape[0]) for t in item.tiles]
 
     return counts
