@@ -22,9 +22,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.utils import load_model
@@ -36,25 +35,9 @@ from .errors import DamagedFileError, UserError
 from .files import check_safetensors, read_json, verify_checksums
 from .config import FAMILIES, ModelConfig
 from .models.llama3v import Model
-from .processing import PromptInputs, build_prompt
+from .processing import Processor
 
 CACHE_ENV = "MLX_LLAMA3V_CACHE"
-
-
-@dataclass
-class Processor:
-    """Turns conversations with images into model input (``processing.build_prompt``)."""
-
-    tokenizer: Any
-    config: Dict[str, Any]
-
-    def __call__(
-        self,
-        messages: Sequence[Dict[str, Any]],
-        images: Optional[Sequence[Any]] = None,
-        add_generation_prompt: bool = True,
-    ) -> PromptInputs:
-        return build_prompt(messages, self.tokenizer, self.config, images, add_generation_prompt)
 
 
 def load(

@@ -10,7 +10,7 @@ from mlx_llama3v.loading import load
 from mlx_llama3v.train.batching import BatchPlan, collate
 from mlx_llama3v.train.data import (
     DataError,
-    Encoder,
+    SampleEncoder,
     load_samples,
     read_records,
     split_train_valid,
@@ -32,7 +32,7 @@ def processor(tiny):
 
 def encoder(processor, max_length=2048):
     model, proc = processor
-    return Encoder(proc.tokenizer, proc.config, model.config.projector_config, max_length)
+    return SampleEncoder(proc.tokenizer, proc.config, model.config.projector_config, max_length)
 
 
 def decode(proc, ids):

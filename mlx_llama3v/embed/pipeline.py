@@ -5,7 +5,7 @@ Three stages overlap:
 1. ``prepared``: a thread pool reads each image file, checks its bytes still hash to
    the key, decodes and preprocesses it into normalised tiles (PIL and numpy release
    the GIL). Results come back in input order, at most ``prefetch`` ahead.
-2. ``TileBatcher`` + ``Encoder`` (main thread): tiles wait in buckets of equal shape
+2. ``TileBatcher`` + ``BatchEncoder`` (main thread): tiles wait in buckets of equal shape
    until ``batch_size`` of one shape are there, then go through
    ``VisionTower.encode`` as one batch (no padding; shapes mix only to bound memory
    and at the end), are cast to the storage dtype on the device and their storage
@@ -210,7 +210,7 @@ class FeatureOverflow(RuntimeError):
     """Finite features became infinite in the storage dtype."""
 
 
-class Encoder:
+class BatchEncoder:
     """Encodes tile batches; emits each image once all its tiles are done."""
 
     def __init__(self, tower, dtype: str, emit: Callable[[EncodedImage], None]):

@@ -37,7 +37,7 @@ from . import cache as cache_mod
 from .cache import REPORT, CacheError, ShardWriter, committed_shards, journal_name, load_index
 from .codec import ErrorStats, check_dtype
 from .distributed import Group, exchange_digests, owners, share
-from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
+from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
 from ..errors import UserError
 from ..files import output_error, writing
@@ -287,7 +287,7 @@ def encode_items(
         if bar is not None:
             bar.update(1)
 
-    encoder = Encoder(tower, dtype, emit)
+    encoder = BatchEncoder(tower, dtype, emit)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
     stop = None
     try:

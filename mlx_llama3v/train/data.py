@@ -41,7 +41,7 @@ import numpy as np
 
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
-from ..processing.processor import resolve_processor_config
+from ..processing import resolve_processor_config
 from ..errors import UserError
 
 ROLE_ALIASES = {
@@ -298,7 +298,7 @@ def _image_path(src: Any, root: Path) -> str:
 
 # ------------------------------------------------------------------ tokenizing
 @dataclass
-class Encoder:
+class SampleEncoder:
     """Turns messages into a ``Sample`` for one model: template, masks, checks.
 
     ``projector_config`` and the processor's patch size give the feature rows each
@@ -493,7 +493,7 @@ def _unwrap(messages):
 # ------------------------------------------------------------------ datasets
 def load_samples(
     paths: Sequence,
-    encoder: Encoder,
+    encoder: SampleEncoder,
     image_root: Optional[Path] = None,
     strict: bool = False,
     keep: Callable[[int], bool] = lambda i: True,
@@ -533,7 +533,7 @@ def load_samples(
     return samples, report
 
 
-def _encode_record(record: Record, encoder: Encoder, root: Path):
+def _encode_record(record: Record, encoder: SampleEncoder, root: Path):
     if record.error:
         raise BadSample(record.error)
     messages = to_messages(record.data, root)

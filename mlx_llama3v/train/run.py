@@ -22,7 +22,7 @@ import mlx.core as mx
 from ..loading import load
 from .batching import BatchPlan
 from .checkpoint import CHECKPOINTS, TrainState
-from .data import DataError, DataReport, Encoder, Sample, load_samples, split_train_valid
+from .data import DataError, DataReport, SampleEncoder, Sample, load_samples, split_train_valid
 from .distributed import World
 from .features import VisionFeatures, tile_patch_counts
 from .loop import LoopArgs, Trainer
@@ -72,7 +72,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     prepare_model(model, config.tune)
     counts = parameter_counts(model)
     cache = _feature_cache(config.features, model, config.model)
-    encoder = Encoder(
+    encoder = SampleEncoder(
         processor.tokenizer,
         processor.config,
         model.config.projector_config,
@@ -165,7 +165,7 @@ def _feature_cache(path: Optional[str], model, model_name: str):
 
 
 def _read_data(
-    config: TrainConfig, encoder: Encoder, world: World, log
+    config: TrainConfig, encoder: SampleEncoder, world: World, log
 ) -> Tuple[Dict[int, Sample], Dict[int, Sample], Tuple[DataReport, Optional[DataReport]]]:
     """This rank's training and validation samples (by record number) and the reports.
 
