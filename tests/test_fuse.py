@@ -14,14 +14,14 @@ from mlx_llama3v.fuse import app, fuse
 from mlx_llama3v.loading import load
 from mlx_llama3v.train.tuning import TuneConfig, load_projector, prepare_model, save_outputs
 from references import assert_close
-from test_train_support import TinySetup
 
 QUESTION = [{"role": "user", "content": "What is in this image?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("fuse"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def make_adapters(model_path, folder, **tune):

@@ -16,12 +16,13 @@ from mlx_llama3v.train.data import (
     split_train_valid,
     to_messages,
 )
-from test_train_support import REPO, TinySetup, chat, cli_env, llava, write_jsonl
+from test_train_support import REPO, chat, cli_env, llava, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-data"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 @pytest.fixture(scope="module")

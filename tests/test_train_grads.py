@@ -23,14 +23,14 @@ from mlx_llama3v.train.features import VisionFeatures, project
 from mlx_llama3v.train.loop import token_loss
 from mlx_llama3v.train.tuning import TuneConfig, parameter_counts, prepare_model
 from references import assert_close, strip_nchw
-from test_train_support import TinySetup
 
 LORA = {"rank": 4, "scale": 1.5, "dropout": 0.0, "keys": None}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-grads"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def mlx_batch(tiny, stage, lora=LORA):

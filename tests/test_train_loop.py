@@ -20,12 +20,13 @@ from mlx_llama3v.train import LoopArgs, TrainConfig, TrainingDiverged, TuneConfi
 from mlx_llama3v.train.checkpoint import latest_checkpoint
 from mlx_llama3v.train.loop import PAUSE_ENV
 from mlx_llama3v.train.tuning import prepare_model
-from test_train_support import REPO, TinySetup, cli_env, llava, read_losses, write_jsonl
+from test_train_support import REPO, cli_env, llava, read_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-loop"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def config(tiny, out, stage="sft", model=None, **loop):
