@@ -36,7 +36,8 @@ from ..processing import resolve_processor_config
 from . import cache as cache_mod
 from .cache import REPORT, CacheError, ShardWriter, committed_shards, journal_name, load_index
 from .codec import ErrorStats, check_dtype
-from .distributed import Group, exchange_digests, owners, share
+from ..distributed import Ranks
+from .distributed import exchange_digests, owners, share
 from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
 from ..errors import UserError
@@ -201,7 +202,7 @@ def locked(root: Path, enabled: bool):
         yield
 
 
-def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> List[dict]:
+def open_cache(root: Path, settings: dict, model_name: str, group: Ranks) -> List[dict]:
     """Rank 0 creates/checks the index and cleans up; every rank gets the shard records."""
     problem = None
     if group.rank == 0:
@@ -242,7 +243,7 @@ def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
         return None, f"{path}: cannot read file ({e.strerror or e})"
 
 
-def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool):
+def hash_all(paths: Sequence[Path], group: Ranks, workers: int, progress: bool):
     """(key or None per path, [(path, error)] of this rank's unreadable files)."""
     mine = [paths[i] for i in share(len(paths), group.rank, group.size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -340,7 +341,7 @@ class Plan:
         )
 
 
-def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progress: bool) -> Plan:
+def plan_work(paths, done: set, group: Ranks, workers: int, strict: bool, progress: bool) -> Plan:
     """Hash every image (split over ranks), drop duplicates and cached ones, take my share."""
     keys, failures = hash_all(paths, group, workers, progress and group.rank == 0)
     if strict and failures:
@@ -357,7 +358,7 @@ def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progre
 
 
 def make_writer(
-    root: Path, group: Group, settings: dict, model_name: str, dtype: str, shard_size_mb: float
+    root: Path, group: Ranks, settings: dict, model_name: str, dtype: str, shard_size_mb: float
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
     if group.size == 1:
@@ -415,7 +416,7 @@ def embed(
     t0 = time.perf_counter()
     _check_options(dtype, batch_size, shard_size_mb)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    group = Group.init()
+    group = Ranks()
     paths = _list(images, image_root)
     tower, pcfg, family, model_name = load_vision(model)
     tower = compute_tower(tower)
@@ -457,7 +458,7 @@ def embed(
     return summary
 
 
-def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
+def _finish(root: Path, group: Ranks, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
     """Counts over every rank; on rank 0, the merged index and the cache totals."""
     _write_rank_report(root, group, failures)
     counts = group.all_sum([encoded, len(failures)])  # also: every rank has committed
@@ -486,12 +487,12 @@ def _midway_hook():
     return (lambda: time.sleep(delay)) if delay else None
 
 
-def _write_rank_report(root: Path, group: Group, failures) -> None:
+def _write_rank_report(root: Path, group: Ranks, failures) -> None:
     if group.size > 1:
         cache_mod.write_json(root / f"report.rank{group.rank}.json", {"failures": failures})
 
 
-def _gather_failures(root: Path, group: Group, mine) -> List[Tuple[str, str]]:
+def _gather_failures(root: Path, group: Ranks, mine) -> List[Tuple[str, str]]:
     if group.size == 1:
         return list(mine)
     out = []

@@ -221,7 +221,7 @@ def _summarise(reports, world: World, log) -> None:
         if report is None:
             continue
         if world.size > 1:
-            kept, short, tokens, images, bad = world.sum_ints(
+            kept, short, tokens, images, bad = world.all_sum(
                 [report.kept, report.shortened, report.tokens_dropped,
                  report.images_dropped, report.num_skipped]
             )
