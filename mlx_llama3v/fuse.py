@@ -49,8 +49,7 @@ def fuse(
     from mlx_lm.utils import dequantize_model, save_model
 
     from .convert.common import check_target, copy_if_present, record_checksums, staging, write_config
-    from .loading import AdapterError, load, load_adapters, local_or_download
-    from .train.tuning import load_projector
+    from .loading import AdapterError, load, local_or_download
 
     adapters = Path(adapter_path).expanduser()
     if not any((adapters / f).is_file() for f in ADAPTER_FILES):
@@ -64,11 +63,7 @@ def fuse(
     except Exception as e:
         raise FuseError(str(e)) from None
     try:
-        net, processor = load(model)
-        if (adapters / "adapter_config.json").is_file():
-            load_adapters(net, adapters)
-        if (adapters / "projector.safetensors").is_file():
-            load_projector(net, adapters / "projector.safetensors")
+        net, processor = load(model, adapter_path=str(adapters))
     except (AdapterError, ValueError, FileNotFoundError) as e:
         raise FuseError(" ".join(str(e).split())) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]

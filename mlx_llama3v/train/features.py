@@ -44,13 +44,7 @@ class VisionFeatures:
 
 def project(model, groups: Groups, n_tiles: int) -> Optional[List[mx.array]]:
     """Projected rows of every tile, in tile order (differentiable w.r.t. the projector)."""
-    if not groups:
-        return None
-    out: List[Optional[mx.array]] = [None] * n_tiles
-    for idx, batch, feats in groups:
-        for i, rows in zip(idx, model.project(feats, batch)):
-            out[i] = rows
-    return out
+    return model.project_groups(groups, n_tiles) if groups else None
 
 
 def tile_patch_counts(cache) -> Callable[[str], List[int]]:

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import build_schedule as lm_build_schedule
 from tqdm import tqdm
 
 from .batching import Batch, BatchPlan, collate
@@ -67,13 +68,19 @@ class LoopArgs:
 
 
 def build_schedule(args: LoopArgs):
-    """Linear warmup to the peak learning rate, then cosine decay to ``min_lr_ratio`` of it."""
+    """Linear warmup to the peak learning rate, then cosine decay to ``min_lr_ratio`` of it.
+
+    mlx-lm's ``build_schedule``: the warmup rises from ``lr / warmup_steps`` to ``lr`` over
+    the first ``warmup_steps`` steps, then the cosine runs over the remaining ``iters``.
+    """
     lr, warmup = args.learning_rate, max(0, args.warmup_steps)
-    decay = optim.cosine_decay(lr, max(1, args.iters - warmup), lr * args.min_lr_ratio)
-    if warmup == 0:
-        return decay
-    ramp = optim.linear_schedule(lr / warmup, lr, max(1, warmup - 1))
-    return optim.join_schedules([ramp, decay], [warmup])
+    config = {
+        "name": "cosine_decay",
+        "arguments": [lr, max(1, args.iters - warmup), lr * args.min_lr_ratio],
+    }
+    if warmup > 1:  # mlx-lm joins the warmup at warmup + 1
+        config.update(warmup=warmup - 1, warmup_init=lr / warmup)
+    return lm_build_schedule(config)
 
 
 def build_optimizer(args: LoopArgs) -> optim.Optimizer:
@@ -98,17 +105,30 @@ def _loss_from_embeddings(model, ids, targets, embeds, scale):
     return token_loss(model, ids, targets, embeds) * scale
 
 
+@dataclass
+class TrainingData:
+    """This rank's samples (by record number) and the global batch plans."""
+
+    train: Dict[int, Sample]
+    valid: Dict[int, Sample]
+    plan: BatchPlan
+    valid_plan: Optional[BatchPlan] = None
+
+
 class Trainer:
-    """Runs the optimizer steps over this rank's share of the batch plan."""
+    """Runs the optimizer steps over this rank's share of the batch plan.
+
+    ``features`` gives the vision features of a batch; ``write_weights(folder)`` saves
+    the trained weights into a checkpoint; ``fingerprint`` names the settings a
+    checkpoint must match to be resumed.
+    """
 
     def __init__(
         self,
         model,
         args: LoopArgs,
-        train: Dict[int, Sample],
-        valid: Dict[int, Sample],
-        plan: BatchPlan,
-        valid_plan: Optional[BatchPlan],
+        data: TrainingData,
+        *,
         features: VisionFeatures,
         trains_projector: bool,
         pad_id: int,
@@ -119,8 +139,8 @@ class Trainer:
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     ):
         self.model, self.args = model, args
-        self.train_samples, self.valid_samples = train, valid
-        self.plan, self.valid_plan = plan, valid_plan
+        self.train_samples, self.valid_samples = data.train, data.valid
+        self.plan, self.valid_plan = data.plan, data.valid_plan
         self.features, self.trains_projector = features, trains_projector
         self.pad_id, self.out = pad_id, Path(out)
         self.write_weights, self.fingerprint = write_weights, fingerprint

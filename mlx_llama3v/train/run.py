@@ -25,7 +25,7 @@ from .checkpoint import CHECKPOINTS, TrainState
 from .data import DataError, DataReport, SampleEncoder, Sample, load_samples, split_train_valid
 from .distributed import World
 from .features import VisionFeatures, tile_patch_counts
-from .loop import LoopArgs, Trainer
+from .loop import LoopArgs, Trainer, TrainingData
 from .metrics import METRICS, PLOT, plot_losses, read_metrics
 from .tuning import TuneConfig, describe_counts, parameter_counts, prepare_model, save_outputs
 from ..errors import UserError
@@ -95,18 +95,15 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     trainer = Trainer(
         model,
         config.loop,
-        train_set,
-        valid_set,
-        plan,
-        valid_plan,
-        VisionFeatures(model, processor.config, cache),
-        config.tune.trains_projector,
-        _pad_id(processor.tokenizer, model.config.image_token_id),
-        out,
-        write,
-        _fingerprint(config),
-        world,
-        log,
+        TrainingData(train_set, valid_set, plan, valid_plan),
+        features=VisionFeatures(model, processor.config, cache),
+        trains_projector=config.tune.trains_projector,
+        pad_id=_pad_id(processor.tokenizer, model.config.image_token_id),
+        out=out,
+        write_weights=write,
+        fingerprint=_fingerprint(config),
+        world=world,
+        log=log,
     )
     if world.is_main:
         with writing(out):
