@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # copied as they are; transformers >= 5 keeps the chat template in its own file
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
-# Test hook: seconds to sleep once the weights are written, so a test can kill a
-# conversion while its output folder is incomplete.
-PAUSE_ENV = "MLX_LLAMA3V_CONVERT_PAUSE"
-
-
 class ConvertError(UserError):
     """The input cannot be converted; the message is one line for the user."""
 
@@ -504,12 +498,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def pause_for_tests() -> None:
-    seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)
 
 
 def write_config(config: ModelConfig, extra: dict, folder: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,11 +37,6 @@ from .data import Sample
 from .distributed import World, zeros_like
 from .features import VisionFeatures, project
 from .metrics import METRICS, MetricsLog
-
-# Test hook: "STEP:SECONDS" sleeps after optimizer step STEP, so a test can kill the
-# run at a known point.
-PAUSE_ENV = "MLX_LLAMA3V_TRAIN_PAUSE"
-
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN/inf; the message is one line."""
@@ -120,7 +114,8 @@ class Trainer:
 
     ``features`` gives the vision features of a batch; ``write_weights(folder)`` saves
     the trained weights into a checkpoint; ``fingerprint`` names the settings a
-    checkpoint must match to be resumed.
+    checkpoint must match to be resumed; ``on_step(step)`` runs after each optimizer
+    step, its metrics and any checkpoint (a caller may report progress or stop there).
     """
 
     def __init__(
@@ -137,6 +132,7 @@ class Trainer:
         fingerprint: str,
         world: Optional[World] = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+        on_step: Optional[Callable[[int], None]] = None,
     ):
         self.model, self.args = model, args
         self.train_samples, self.valid_samples = data.train, data.valid
@@ -145,7 +141,7 @@ class Trainer:
         self.pad_id, self.out = pad_id, Path(out)
         self.write_weights, self.fingerprint = write_weights, fingerprint
         self.world = world or World()
-        self.log = log
+        self.log, self.on_step = log, on_step
         self.optimizer = build_optimizer(args)
         self.metrics = MetricsLog(self.out / METRICS, enabled=self.world.is_main)
         self.state = TrainState(seed=args.seed, fingerprint=fingerprint)
@@ -191,7 +187,8 @@ class Trainer:
                     self._validate()
                 if step % args.steps_per_save == 0 and step < args.iters:
                     self.save()
-                _pause_for_tests(step)
+                if self.on_step is not None:
+                    self.on_step(step)
         self._validate()
         self.save()
         return self.state
@@ -332,11 +329,3 @@ def checkpointed(layer):
         yield
     finally:
         cls.__call__ = original
-
-
-def _pause_for_tests(step: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "")
-    if ":" in spec:
-        at, seconds = spec.split(":", 1)
-        if int(at) == step:
-            time.sleep(float(seconds))

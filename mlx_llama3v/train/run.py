@@ -62,7 +62,11 @@ class TrainResult:
     out: Path
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    log: Callable[[str], None] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> TrainResult:
     world = World()
     log = log or (lambda s: print(s, file=sys.stderr) if world.is_main else None)
     out = Path(config.out).expanduser()
@@ -104,6 +108,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
         fingerprint=_fingerprint(config),
         world=world,
         log=log,
+        on_step=on_step,
     )
     if world.is_main:
         with writing(out):
