@@ -17,6 +17,13 @@ class UserError(Exception):
 class OutputError(UserError, OSError):
     """An output cannot be written (read-only, full disk, not a folder...)."""
 
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: cannot write the output ({reason})")
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot write the output ({self.reason})"
+
 
 class DamagedFileError(UserError, ValueError):
     """A model, adapter or checkpoint file is truncated, empty or has a broken header."""

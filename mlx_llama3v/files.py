@@ -58,7 +58,7 @@ def output_error(path, error: BaseException) -> OutputError:
         reason = error.strerror
     else:  # mlx's writers say "[write] Unable to write N bytes": find out why
         reason = _disk_state(Path(path)) or " ".join(str(error).split()) or type(error).__name__
-    return OutputError(f"{path}: cannot write the output ({reason})")
+    return OutputError(path, reason)
 
 
 def check_writable(path) -> None:
@@ -67,13 +67,13 @@ def check_writable(path) -> None:
     given, path = path, Path(path).absolute()
     blocker = _file_above(path)
     if blocker is not None:
-        raise OutputError(f"{given}: cannot write the output ({blocker} is a file, not a folder)")
+        raise OutputError(given, f"{blocker} is a file, not a folder")
     folder = next((p for p in [path, *path.parents] if p.is_dir()), None)
     if folder is None:
         return
     state = _disk_state(folder)
     if state == os.strerror(errno.EROFS) or not os.access(folder, os.W_OK):
-        raise OutputError(f"{given}: cannot write the output ({state or os.strerror(errno.EACCES)})")
+        raise OutputError(given, state or os.strerror(errno.EACCES))
 
 
 def _file_above(path: Path) -> Optional[Path]:
@@ -113,6 +113,8 @@ def writing(path) -> Iterator[None]:
     """Turn a failed write inside the block into ``OutputError`` naming ``path``."""
     try:
         yield
+    except OutputError as e:  # from a write inside: name what the caller writes
+        raise OutputError(path, e.reason) from None
     except (OSError, RuntimeError) as e:
         if not _write_failure(e):
             raise

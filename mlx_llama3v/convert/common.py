@@ -9,7 +9,6 @@ is common. Problems with the input raise ``ConvertError`` with a one-line messag
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
 from .._mlx_lm import download, save_config
 from ..errors import UserError
+from .. import files
 from ..files import check_safetensors, write_checksums, writing
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -110,12 +110,11 @@ def resolve(path_or_repo: str) -> Path:
 
 def read_json(path: Path, what: str = "") -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing{' (' + what + ')' if what else ''}") from None
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        data = files.read_json(path, ConvertError)
+    except ConvertError as e:
+        if what and not Path(path).exists():
+            raise ConvertError(f"{path}: missing ({what})") from None
+        raise e from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     return data
@@ -362,10 +361,10 @@ def write_tokenizer(source: Source, dst: Path):
     # MiniCPM names a remote-code tokenizer class; the tokenizer itself is plain BPE
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config.pop("auto_map", None)
-    _write_json(dst / "tokenizer.json", tok)
-    _write_json(dst / "tokenizer_config.json", tok_config)
+    files.write_json(dst / "tokenizer.json", tok)
+    files.write_json(dst / "tokenizer_config.json", tok_config)
     if special_map:
-        _write_json(dst / "special_tokens_map.json", special_map)
+        files.write_json(dst / "special_tokens_map.json", special_map)
     copy_if_present(src, dst, CHAT_TEMPLATE_FILES)
     return _check_tokenizer(dst, needed, source.config.text_config.vocab_size)
 
@@ -516,11 +515,6 @@ def copy_if_present(src: Path, dst: Path, names: Sequence[str]) -> None:
     for name in names:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
 
 
 def _one_line(e: BaseException) -> str:
