@@ -22,7 +22,7 @@ from typing import Callable, NoReturn
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 # subcommand -> the module whose main() runs it
 SUBCOMMANDS = {
@@ -33,12 +33,6 @@ SUBCOMMANDS = {
     "train": "mlx_llama3v.train.cli",
     "fuse": "mlx_llama3v.fuse",
 }
-
-
-def one_line(message) -> str:
-    """A message (or exception) on one line; an empty one is named by its type."""
-    text = " ".join(str(message).split())
-    return text or type(message).__name__
 
 
 def fail(message, code: int = 2) -> NoReturn:

@@ -8,6 +8,12 @@ its ``exit_code`` (2: bad input or a fault the user can mend).
 from __future__ import annotations
 
 
+def one_line(message) -> str:
+    """A message (or exception) on one line; an empty one is named by its type."""
+    text = " ".join(str(message).split())
+    return text or type(message).__name__
+
+
 class UserError(Exception):
     """Bad input or an environment fault, told to the user in one line."""
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .errors import DamagedFileError, OutputError, UserError
+from .errors import DamagedFileError, OutputError, UserError, one_line
 
 CHECKSUMS = "checksums.json"
 
@@ -57,7 +57,7 @@ def output_error(path, error: BaseException) -> OutputError:
     elif isinstance(error, OSError) and error.strerror:
         reason = error.strerror
     else:  # mlx's writers say "[write] Unable to write N bytes": find out why
-        reason = _disk_state(Path(path)) or " ".join(str(error).split()) or type(error).__name__
+        reason = _disk_state(Path(path)) or one_line(error)
     return OutputError(path, reason)
 
 
@@ -156,7 +156,7 @@ def read_json(path: Path, error: type = UserError):
     except FileNotFoundError:
         raise error(f"{path}: missing") from None
     except (OSError, ValueError) as e:
-        raise error(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+        raise error(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
 def write_json(path: Path, data, indent: int = 2) -> None:

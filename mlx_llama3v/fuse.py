@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from .cli import command, new_app, run_app
-from .errors import UserError
+from .errors import UserError, one_line
 
 ADAPTER_FILES = ("adapter_config.json", "projector.safetensors")
 TOKENIZER_FILES = (
@@ -65,7 +65,7 @@ def fuse(
     try:
         net, processor = load(model, adapter_path=str(adapters))
     except (AdapterError, ValueError, FileNotFoundError) as e:
-        raise FuseError(" ".join(str(e).split())) from None
+        raise FuseError(one_line(e)) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
     if fused:
         net.update_modules(tree_unflatten(fused))

@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
 from .._mlx_lm import download, save_config
-from ..errors import UserError
+from ..errors import UserError, one_line
 from .. import files
 from ..files import check_safetensors, write_checksums, writing
 
@@ -105,7 +105,7 @@ def resolve(path_or_repo: str) -> Path:
     try:
         return download(path_or_repo)
     except Exception as e:  # hub errors come in many types
-        raise ConvertError(f"{path_or_repo}: cannot download ({_one_line(e)})") from None
+        raise ConvertError(f"{path_or_repo}: cannot download ({one_line(e)})") from None
 
 
 def read_json(path: Path, what: str = "") -> dict:
@@ -172,7 +172,7 @@ def load_weights(files: Sequence[Path]) -> Dict[str, mx.array]:
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:
-            raise ConvertError(f"{path}: cannot read ({_one_line(e)})") from None
+            raise ConvertError(f"{path}: cannot read ({one_line(e)})") from None
     return weights
 
 
@@ -257,7 +257,7 @@ def make_config(**kwargs) -> ModelConfig:
     try:
         return ModelConfig.from_dict(kwargs)
     except (ValueError, TypeError) as e:
-        raise ConvertError(f"inconsistent config: {_one_line(e)}") from None
+        raise ConvertError(f"inconsistent config: {one_line(e)}") from None
 
 
 def checkpoint_source(
@@ -295,7 +295,7 @@ def build_model(source: Source) -> Model:
         model = Model(source.config)
         weights = model.sanitize(source.weights)
     except ValueError as e:
-        raise ConvertError(_one_line(e)) from None
+        raise ConvertError(one_line(e)) from None
     expected = dict(tree_flatten(model.parameters()))
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -409,12 +409,12 @@ def _check_tokenizer(folder: Path, needed: List[str], vocab_size: int):
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as e:
-        raise ConvertError(f"the tokenizer does not load ({_one_line(e)})") from None
+        raise ConvertError(f"the tokenizer does not load ({one_line(e)})") from None
     for token in needed:
         try:
             tid = special_token_id(tokenizer, token)
         except PromptError as e:
-            raise ConvertError(f"tokenizer: {_one_line(e)}") from None
+            raise ConvertError(f"tokenizer: {one_line(e)}") from None
         if tid >= vocab_size:
             raise ConvertError(
                 f"tokenizer: {token!r} has id {tid}, beyond the model's {vocab_size} embeddings"
@@ -515,7 +515,3 @@ def copy_if_present(src: Path, dst: Path, names: Sequence[str]) -> None:
     for name in names:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

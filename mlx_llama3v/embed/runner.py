@@ -40,7 +40,7 @@ from ..distributed import Ranks
 from .distributed import exchange_digests, owners, share
 from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import output_error, writing
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
@@ -113,7 +113,7 @@ def load_vision(model) -> Tuple[VisionTower, dict, str, str]:
             model, _ = load(name, lazy=True)  # lazy: the language model is never read
         except Exception as e:  # loader errors come in many types; one line for the user
             raise EmbedError(
-                f"cannot load model {name} ({' '.join(str(e).split()) or type(e).__name__})"
+                f"cannot load model {name} ({one_line(e)})"
             ) from None
     else:
         name = type(model).__name__

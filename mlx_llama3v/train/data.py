@@ -42,7 +42,7 @@ import numpy as np
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
 from ..processing import resolve_processor_config
-from ..errors import UserError
+from ..errors import UserError, one_line
 
 ROLE_ALIASES = {
     "human": "user",
@@ -158,7 +158,7 @@ def read_records(path) -> Iterator[Record]:
         try:
             yield Record(json.loads(line), path, n)
         except ValueError as e:
-            yield Record(None, path, n, f"malformed JSON ({_first_line(e)})")
+            yield Record(None, path, n, f"malformed JSON ({one_line(e)})")
 
 
 def _array_records(text: str, path: Path) -> Iterator[Record]:
@@ -172,7 +172,7 @@ def _array_records(text: str, path: Path) -> Iterator[Record]:
         try:
             value, pos = decoder.raw_decode(text, pos)
         except ValueError as e:
-            yield Record(None, path, line, f"malformed JSON ({_first_line(e)}); rest of file unread")
+            yield Record(None, path, line, f"malformed JSON ({one_line(e)}); rest of file unread")
             return
         yield Record(value, path, line)
         pos = _skip_space(text, pos)
@@ -540,7 +540,7 @@ def _encode_record(record: Record, encoder: SampleEncoder, root: Path):
     try:
         return encoder.encode(messages, record.where)
     except (PromptError, ImageError) as e:
-        raise BadSample(_first_line(e)) from None
+        raise BadSample(one_line(e)) from None
 
 
 def _kind(reason: str) -> str:
@@ -575,7 +575,3 @@ def _unit_hash(seed: int, index: int) -> float:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
-
-
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
