@@ -14,6 +14,7 @@ from typing import List
 
 from ..processing import resolve_processor_config
 from .common import (
+    LLAMA3_8B,
     Checkpoint,
     ConvertError,
     Source,
@@ -62,7 +63,7 @@ def load(ckpt: Checkpoint) -> Source:
     proj = _prefix(weights, PROJECTOR_PREFIXES, "projector")
     renames = [(vis, "vision_tower."), (proj, "projector."), (LLM_PREFIX, "language_model.")]
     vision = _vision_config(config, weights, vis)
-    text = text_config(config, weights, LLM_PREFIX + "lm_head.weight")
+    text = text_config(config, weights, LLM_PREFIX, published=LLAMA3_8B)
     query = weights.get(proj + "query")
     if query is None:
         raise ConvertError(f"the checkpoint has no resampler queries ({proj}query)")
