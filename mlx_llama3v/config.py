@@ -84,30 +84,31 @@ def normalize_text_config(
 
 def _rope_settings(config: Dict[str, Any]):
     """(rope_theta or None, rope_scaling or None), popped from ``config``, both schemas."""
-    theta = config.pop("rope_theta", None)
-    scaling = _rope_scaling(config.pop("rope_scaling", None), "rope_scaling")
-    params = config.pop("rope_parameters", None)
-    if params is None:
-        return theta, scaling
-    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise ValueError("rope_parameters: expected one dict of rope settings")
-    params = dict(params)
-    p_theta = params.pop("rope_theta", None)
-    p_scaling = _rope_scaling(params, "rope_parameters")
-    if theta is not None and p_theta is not None and float(theta) != float(p_theta):
-        raise ValueError(f"rope_theta {theta} and rope_parameters' rope_theta {p_theta} disagree")
-    if scaling is not None and p_scaling is not None and scaling != p_scaling:
+    thetas, scalings = [], []
+    if config.get("rope_theta") is not None:
+        thetas.append(("rope_theta", config["rope_theta"]))
+    config.pop("rope_theta", None)
+    for where in ("rope_scaling", "rope_parameters"):
+        given = config.pop(where, None)
+        if given is None:
+            continue
+        if not isinstance(given, dict) or any(isinstance(v, dict) for v in given.values()):
+            raise ValueError(f"{where}: expected one dict of rope settings, got {given!r}")
+        given = dict(given)
+        if given.get("rope_theta") is not None:
+            thetas.append((f"{where}' rope_theta", given["rope_theta"]))
+        given.pop("rope_theta", None)
+        scalings.append((where, _rope_scaling(given, where)))
+    if len({float(v) for _, v in thetas}) > 1:
+        raise ValueError(" and ".join(f"{k} {v}" for k, v in thetas) + " disagree")
+    given = [v for _, v in scalings if v is not None]
+    if len(scalings) > 1 and any(v != scalings[0][1] for _, v in scalings):
         raise ValueError("rope_scaling and rope_parameters give different rope scaling")
-    return (theta if theta is not None else p_theta), (scaling or p_scaling)
+    return (thetas[0][1] if thetas else None), (given[0] if given else None)
 
 
 def _rope_scaling(scaling, where: str):
     """A rope scaling dict keyed ``rope_type``, or None for plain rope."""
-    if scaling is None:
-        return None
-    if not isinstance(scaling, dict):
-        raise ValueError(f"{where}: expected a dict, got {scaling!r}")
-    scaling = dict(scaling)
     kinds = {scaling.pop(k) for k in ("type", "rope_type") if k in scaling}
     if len(kinds) > 1:
         raise ValueError(f"{where}: type and rope_type disagree ({' vs '.join(sorted(kinds))})")
