@@ -10,7 +10,6 @@ produce, enumerated from the project's slicing code.
 
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -24,8 +23,16 @@ from mlx_llama3v.models.vision import (
     torch_arange_f32,
 )
 from mlx_llama3v.processing.slicing import find_best_resize
-from references import NAVIT, assert_close, hf_navit, random_tiles, strip_nchw, to_mlx, valid_rows
-from references import with_440_positions
+from references import (
+    NAVIT,
+    assert_close,
+    hf_navit,
+    random_tiles,
+    strip_nchw,
+    to_mlx,
+    valid_rows,
+    with_440_positions,
+)
 
 SIDE = 70  # MiniCPM 2.5: image_size 980 / patch 14
 SCALE, PATCH = 448, 14
