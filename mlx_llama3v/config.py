@@ -73,8 +73,8 @@ def normalize_text_config(
     missing = [k for k in ARITHMETIC_FIELDS if out.get(k) is None]
     if missing:
         raise ValueError(
-            f"the language model's config gives no {', '.join(missing)} (a value that "
-            "changes the result is never guessed; add it to config.json)"
+            f"no {', '.join(missing)} given (a value that changes the result is never "
+            "guessed; add it to config.json)"
         )
     act = out.get("hidden_act", "silu")
     if act != "silu":

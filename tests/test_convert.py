@@ -608,7 +608,7 @@ def test_composed_llm_without_rope_theta_is_refused(tiny, tmp_path, schema):
     else:
         edit_config(llm, rope_theta=None)
     args = ["--vision", tiny.source("compose")["vision"], "--llm", llm, "--mlx-path", tmp_path / "o"]
-    assert_error(args, "language model config", "gives no rope_theta")
+    assert_error(args, "language model config", "no rope_theta given")
     assert not (tmp_path / "o").exists()
 
 
@@ -617,7 +617,7 @@ def test_composed_llm_without_rope_theta_is_refused(tiny, tmp_path, schema):
     [
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "disagree"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
-        (dict(num_attention_heads=None), "gives no num_attention_heads"),
+        (dict(num_attention_heads=None), "no num_attention_heads given"),
     ],
 )
 def test_contradictory_or_incomplete_lm_settings_are_errors(tiny, tmp_path, changes, message):

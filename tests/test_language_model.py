@@ -86,8 +86,8 @@ def test_every_rope_schema_gives_one_form():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(rope_theta=None), "gives no rope_theta"),
-        (dict(rms_norm_eps=None, num_key_value_heads=None), "no num_key_value_heads, rms_norm_eps"),
+        (dict(rope_theta=None), "no rope_theta given"),
+        (dict(rms_norm_eps=None, num_key_value_heads=None), "no num_key_value_heads, rms_norm_eps given"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "disagree"),
         (dict(rope_scaling={"type": "linear", "rope_type": "llama3", "factor": 2.0}), "disagree"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
