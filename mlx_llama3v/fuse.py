@@ -49,7 +49,7 @@ def fuse(
 
     from .convert import ConvertError
     from .convert.common import check_target, copy_if_present, staging, write_config
-    from .loading import AdapterError, load, load_adapters
+    from .loading import AdapterError, converted_folder, load, load_adapters
     from .train.tuning import load_projector
 
     adapters = Path(adapter_path).expanduser()
@@ -88,15 +88,6 @@ def fuse(
         copy_if_present(source, tmp, TOKENIZER_FILES)
         _write_card(tmp, model, adapters, dequantize)
     return target
-
-
-def converted_folder(model: str) -> Path:
-    """The converted folder ``load(model)`` reads: ``model`` itself when it is one, else
-    the cache folder its Hugging Face checkpoint (local or downloaded) converts into."""
-    from .loading import _convert_to_cache, _local_or_download, is_converted
-
-    path = _local_or_download(str(model))
-    return path if is_converted(path) else _convert_to_cache(str(model), path)
 
 
 def _extra_config(source: Path) -> dict:
