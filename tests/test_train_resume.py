@@ -78,6 +78,7 @@ DAMAGE = {
     "flipped-bytes": ("adapters.safetensors", flip_bytes, None),
     "broken-state-json": ("state.json", break_json, "state.json is not valid JSON"),
     "nan-in-optimizer": ("optimizer.safetensors", nan_in_optimizer, "holds NaN or infinite values"),
+    "broken-checksums": (CHECKSUMS, break_json, None),
 }
 
 
@@ -101,7 +102,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tiny, finis
     code, err = cli(*args(tiny, out), "--resume")
     assert code == 0, err
     assert "Traceback" not in err
-    expected = f"{name} does not match its checksum" if checksums else message
+    expected = message or f"{name} does not match its checksum"
+    if checksums:
+        expected = f"{CHECKSUMS} is not valid JSON" if name == CHECKSUMS else f"{name} does not match its checksum"
     warned = [line for line in err.splitlines() if line.startswith(f"warning: checkpoint {latest} is damaged (")]
     assert len(warned) == 1 and name in warned[0] and expected in warned[0], err
     assert f"warning: resuming from {out / CHECKPOINTS / 'step-0000004'}, the newest good checkpoint" in err

@@ -81,7 +81,7 @@ def save_checkpoint(
     mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2), encoding="utf-8")
+    (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2), encoding="utf-8")
     for f in tmp.iterdir():
         fsync_path(f)
     final = root / name
@@ -206,10 +206,10 @@ def _check_sums(path: Path) -> None:
     if not (path / CHECKSUMS).exists():
         return
     try:
-        sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
+        sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["sha256"]
         if not isinstance(sums, dict):
             raise ValueError
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise DamagedCheckpoint(f"{CHECKSUMS} is not valid JSON") from None
     for name, digest in sums.items():
         if not (path / str(name)).is_file():
