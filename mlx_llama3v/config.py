@@ -16,6 +16,7 @@ from mlx_lm.models.llama import ModelArgs as TextConfig
 
 FAMILIES = ("minicpm_v2_5", "siglip_llama3", "bunny")
 PROJECTOR_KINDS = ("resampler", "attention", "mlp2x_gelu")
+NAVIT_COORDS = ("arange", "clamp")  # see models/vision.py
 
 
 # Llama fields that change the arithmetic: taken from the source, from a family's
@@ -162,8 +163,10 @@ class VisionConfig(BaseModelArgs):
             raise ValueError(f"unknown vision variant {self.variant!r} (siglip or navit)")
         if self.navit_coords is None:
             self.navit_coords = "arange" if self.strip_positions else "clamp"
-        if self.navit_coords not in ("arange", "clamp"):
-            raise ValueError(f"unknown navit_coords {self.navit_coords!r} (arange or clamp)")
+        if self.navit_coords not in NAVIT_COORDS:
+            raise ValueError(
+                f"unknown navit_coords {self.navit_coords!r} (one of {', '.join(NAVIT_COORDS)})"
+            )
         n = self.num_hidden_layers
         if self.feature_layer is not None and not -(n + 1) <= self.feature_layer <= n:
             raise ValueError(

@@ -156,7 +156,7 @@ def torch_arange_f32(start: float, end: float, step: float) -> np.ndarray:
     elements per loop iteration as two 8-wide vectors, each from a float32 base
     ``start + step * i0`` plus ``k * step`` in double; the remainder after the last
     whole 16 is filled one by one as ``start + step * i`` in double. Each value is
-    then rounded to float32. (Checked against torch in tests/test_vision.py.)
+    then rounded to float32. (Checked against torch in tests/test_navit_positions.py.)
     """
     start, step = float(start), float(step)
     n = max(int(np.ceil((end - start) / step)), 0)
@@ -176,14 +176,14 @@ def _boundaries(num_per_side: int) -> np.ndarray:
     return torch_arange_f32(step, 1.0, step)
 
 
-# How NaViT fractional patch coordinates are computed before bucketizing:
+# How NaViT fractional patch coordinates are computed before bucketizing
+# (``VisionConfig.navit_coords``):
 # - "arange": transformers 4.40's Idefics2 embedding, torch.arange(0, 1 - 1e-6, 1 / n)
 #   with 1 / n a float32 tensor (n is an int64 patch count). MiniCPM-Llama3-V 2.5 was
 #   trained and published against transformers 4.40, so its weights expect these ids.
 # - "clamp": transformers >= 4.4x (5.x included), clamp(i * (1 / n), max=1 - 1e-6).
 # The two differ at exact ties with the bucket boundaries (e.g. 6 of the 1036 patches of
 # the source tile of a 640x480 photo), and neither equals floor(num_per_side * i / n).
-NAVIT_COORDS = ("arange", "clamp")
 
 
 def _fractional_coords(n: int, coords: str) -> np.ndarray:
