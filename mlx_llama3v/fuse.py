@@ -48,8 +48,9 @@ def fuse(
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save_model
 
+    from .convert import ConvertError
     from .convert.common import check_target, copy_if_present, record_checksums, staging, write_config
-    from .loading import AdapterError, load, local_or_download
+    from .loading import AdapterError, converted_folder, load
 
     adapters = Path(adapter_path).expanduser()
     if not any((adapters / f).is_file() for f in ADAPTER_FILES):
@@ -63,8 +64,11 @@ def fuse(
     except Exception as e:
         raise FuseError(str(e)) from None
     try:
-        net, processor = load(model, adapter_path=str(adapters))
-    except (AdapterError, ValueError, FileNotFoundError) as e:
+        # the converted folder (a checkpoint or hub id is converted into the cache): its
+        # tokenizer and config are the ones to copy, not the raw download's
+        source = converted_folder(model)
+        net, processor = load(source, adapter_path=str(adapters))
+    except (AdapterError, ConvertError, ValueError, FileNotFoundError) as e:
         raise FuseError(one_line(e)) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
     if fused:
@@ -73,7 +77,6 @@ def fuse(
         dequantize_model(net)
         net.config.quantization = None
     mx.eval(net.parameters())
-    source = local_or_download(str(model))
     extra = _extra_config(source)
     with staging(target, force) as tmp:
         save_model(tmp, net, donate_model=True)
