@@ -106,7 +106,7 @@ def test_fuse_from_a_hub_id_copies_the_converted_tokenizer(tiny, tmp_path, monke
 
     repo = "openbmb/MiniCPM-Llama3-V-2_5"
     monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
+    monkeypatch.setattr(loading, "download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
     adapters = make_adapters(tiny.model, tmp_path / "adapters")
     result = CliRunner().invoke(app, ["-m", repo, "--adapter-path", str(adapters), "--save-path", str(tmp_path / "f")])
     assert result.exit_code == 0, result.stderr
