@@ -124,6 +124,10 @@ def test_convert_refuses_quantization_options_without_quantize(tmp_path):
         assert_one_error(
             convert_app, ["--hf-path", tmp_path, "--mlx-path", out, *args], f"{args[0]} needs -q/--quantize"
         )
+    assert_one_error(
+        convert_app, ["--hf-path", tmp_path, "--mlx-path", out, "--projector-layers", "0"],
+        "--projector-layers must be at least 1",
+    )
     assert not out.exists()
 
 

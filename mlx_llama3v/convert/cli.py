@@ -70,6 +70,8 @@ def run(
     for name, used in given.items():
         if used and not quantize:
             raise UserError(f"{name} needs -q/--quantize (it would be ignored without it)")
+    if projector_layers < 1:
+        raise UserError(f"--projector-layers must be at least 1; got {projector_layers}")
     out = convert(
         hf_path,
         mlx_path,
