@@ -5,7 +5,9 @@ ARGS...`` with:
 
 - ``convert-pause SECONDS``: ``convert(on_weights_written=...)`` sleeps once the weights
   are in the staging folder;
-- ``train-pause STEP:SECONDS``: ``train(on_step=...)`` sleeps after optimizer step STEP.
+- ``train-pause STEP:SECONDS``: ``train(on_step=...)`` sleeps after optimizer step STEP;
+- ``embed-delay SECONDS``: ``embed(after_batch=..., midway=...)`` sleeps after each encoded
+  batch and in the middle of each shard write.
 
 The package has no test hooks of its own: it takes callbacks, which this script passes.
 """
@@ -35,6 +37,12 @@ def main() -> None:
                 time.sleep(float(seconds))
 
         run.train = functools.partial(run.train, on_step=pause)
+    elif hook == "embed-delay":
+        import mlx_llama3v.embed.runner as runner
+
+        seconds = float(value)
+        sleep = lambda: time.sleep(seconds)  # noqa: E731
+        runner.embed = functools.partial(runner.embed, after_batch=sleep, midway=sleep)
     else:
         raise SystemExit(f"unknown hook {hook!r}")
     sys.argv = [module, *args]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import queue
 import threading
 import time
@@ -37,15 +36,6 @@ import numpy as np
 from ..processing import ImageError, preprocess_image
 from .cache import EncodedImage, ShardWriter
 from .codec import ErrorStats, error_terms, stats_from, store, to_numpy
-
-# Test hook: seconds to sleep after each encoded batch and in the middle of each shard
-# write, so a test can kill the command at a chosen moment.
-DELAY_ENV = "MLX_LLAMA3V_EMBED_TEST_DELAY"
-
-
-def test_delay() -> float:
-    return float(os.environ.get(DELAY_ENV, "0") or 0)
-
 
 @dataclass
 class WorkItem:
@@ -213,9 +203,15 @@ class FeatureOverflow(RuntimeError):
 class BatchEncoder:
     """Encodes tile batches; emits each image once all its tiles are done."""
 
-    def __init__(self, tower, dtype: str, emit: Callable[[EncodedImage], None]):
+    def __init__(
+        self,
+        tower,
+        dtype: str,
+        emit: Callable[[EncodedImage], None],
+        after_batch: Optional[Callable[[], None]] = None,
+    ):
         self.tower, self.dtype, self.emit = tower, dtype, emit
-        self.delay = test_delay()
+        self.after_batch = after_batch  # called after each encoded batch (tests pause there)
         self.busy = 0.0  # seconds in the tower and the storage casts
 
     def start(self, p: Prepared) -> _Pending:
@@ -236,8 +232,8 @@ class BatchEncoder:
         self.busy += time.perf_counter() - start
         for group, batch, values, scales, terms in groups:
             self._collect(refs, group, batch, values, scales, terms)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _collect(self, refs, group, batch, values, scales, terms) -> None:
         v, t = to_numpy(values), np.asarray(terms)

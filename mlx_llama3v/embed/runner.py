@@ -275,6 +275,7 @@ def encode_items(
     strict: bool,
     progress: bool,
     desc: str,
+    after_batch: Optional[Callable[[], None]] = None,
 ) -> Tuple[int, List[Tuple[str, str]], float]:
     """Run the pipeline over ``items``; (images encoded, failures, seconds the tower worked)."""
     failures: List[Tuple[str, str]] = []
@@ -288,7 +289,7 @@ def encode_items(
         if bar is not None:
             bar.update(1)
 
-    encoder = BatchEncoder(tower, dtype, emit)
+    encoder = BatchEncoder(tower, dtype, emit, after_batch)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
     stop = None
     try:
@@ -358,7 +359,13 @@ def plan_work(paths, done: set, group: Ranks, workers: int, strict: bool, progre
 
 
 def make_writer(
-    root: Path, group: Ranks, settings: dict, model_name: str, dtype: str, shard_size_mb: float
+    root: Path,
+    group: Ranks,
+    settings: dict,
+    model_name: str,
+    dtype: str,
+    shard_size_mb: float,
+    midway: Optional[Callable[[], None]] = None,
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
     if group.size == 1:
@@ -372,7 +379,7 @@ def make_writer(
         dtype,
         rank=group.rank,
         shard_bytes=int(shard_size_mb * 1e6),
-        midway=_midway_hook(),
+        midway=midway,
     )
 
 
@@ -407,11 +414,15 @@ def embed(
     strict: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    after_batch: Optional[Callable[[], None]] = None,
+    midway: Optional[Callable[[], None]] = None,
 ) -> Summary:
     """Encode every image of ``images`` into the cache at ``out`` (see the module doc).
 
     ``model``: a converted model folder / repo id, or a loaded ``Model``. ``workers``:
-    decoding threads (default: the cores, at most 8).
+    decoding threads (default: the cores, at most 8). ``after_batch`` runs after each
+    encoded batch and ``midway`` in the middle of each shard write (tests pause there
+    to interrupt a run at a chosen moment).
     """
     t0 = time.perf_counter()
     _check_options(dtype, batch_size, shard_size_mb)
@@ -434,7 +445,7 @@ def embed(
         plan = plan_work(paths, cached_keys(root, records), group, workers, strict, progress)
         if group.rank == 0:
             log(plan.describe(images, group.size))
-        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb)
+        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb, midway)
         desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
         encoded, bad, busy = encode_items(
             plan.todo,
@@ -447,6 +458,7 @@ def embed(
             strict=strict,
             progress=progress and group.rank == 0,
             desc=desc,
+            after_batch=after_batch,
         )
         summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype)
         summary.work_seconds = time.perf_counter() - t_work
@@ -478,13 +490,6 @@ def _finish(root: Path, group: Ranks, plan: Plan, encoded: int, failures, dtype:
         summary.report = str(root / REPORT)
         _fill_cache_totals(summary, root)
     return summary
-
-
-def _midway_hook():
-    from .pipeline import test_delay
-
-    delay = test_delay()
-    return (lambda: time.sleep(delay)) if delay else None
 
 
 def _write_rank_report(root: Path, group: Ranks, failures) -> None:
