@@ -129,12 +129,12 @@ def row_prepare(root: Path, model: Path, fmt: str) -> dict:
     from mlx_llama3v.embed import FeatureCache
     from mlx_llama3v.loading import load
     from mlx_llama3v.train.batching import BatchPlan
-    from mlx_llama3v.train.data import Encoder, load_samples
+    from mlx_llama3v.train.data import SampleEncoder, load_samples
     from mlx_llama3v.train.features import cache_layout
 
     model_, processor = load(str(model))
     cache = FeatureCache(root / "cache")
-    enc = Encoder(processor.tokenizer, processor.config, model_.config.projector_config, 512,
+    enc = SampleEncoder(processor.tokenizer, processor.config, model_.config.projector_config, 512,
                   layout=cache_layout(cache, processor.config))
     import gc
 

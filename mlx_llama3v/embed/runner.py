@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -43,10 +44,13 @@ from .cache import (
     normalised_path,
 )
 from .codec import ErrorStats, bytes_per_tile, check_dtype
-from .distributed import Group, exchange_digests, owners, share
+from ..distributed import Ranks
+from .distributed import exchange_digests, owners, share
 from .lookup import Lookup, file_stat
-from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
+from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
+from ..errors import UserError, one_line
+from ..files import output_error, writing
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
 PREPROCESSING_KEYS = (
@@ -61,7 +65,7 @@ PREPROCESSING_KEYS = (
 )
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
     """A problem the user can fix; the message is one line."""
 
 
@@ -118,7 +122,7 @@ def load_vision(model) -> Tuple[VisionTower, dict, str, str]:
             model, _ = load(name, lazy=True)  # lazy: the language model is never read
         except Exception as e:  # loader errors come in many types; one line for the user
             raise EmbedError(
-                f"cannot load model {name} ({' '.join(str(e).split()) or type(e).__name__})"
+                f"cannot load model {name} ({one_line(e)})"
             ) from None
     else:
         name = type(model).__name__
@@ -171,6 +175,21 @@ def make_settings(tower: VisionTower, processor_config: dict, family: str, dtype
 
 # ------------------------------------------------------------------ steps
 @contextmanager
+def _no_empty_cache_left(root: Path, fresh: bool):
+    """A run that created the cache (under its lock) and stops before committing any
+    image removes it again."""
+    try:
+        yield
+    except BaseException:
+        try:
+            if fresh and root.is_dir() and not committed_shards(root):
+                shutil.rmtree(root, ignore_errors=True)
+        except (CacheError, OSError, ValueError):
+            pass
+        raise
+
+
+@contextmanager
 def locked(root: Path, enabled: bool):
     """Hold an exclusive lock on ``root/.lock`` (one writer per cache folder)."""
     if not enabled:
@@ -181,8 +200,10 @@ def locked(root: Path, enabled: bool):
     except ImportError:  # no POSIX locks: run unguarded
         yield
         return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -191,7 +212,7 @@ def locked(root: Path, enabled: bool):
 
 
 def open_cache(
-    root: Path, settings: dict, model_name: str, group: Group, log=lambda s: None
+    root: Path, settings: dict, model_name: str, group: Ranks, log=lambda s: None
 ) -> List[dict]:
     """Rank 0 creates/checks the index, drops damaged shards (``heal``) and cleans up;
     every rank gets the shard records."""
@@ -204,8 +225,10 @@ def open_cache(
             cache_mod.remove_orphans(root, committed_shards(root))
             for stale in root.glob("report.rank*.json"):  # from an interrupted distributed run
                 stale.unlink()
-        except (CacheError, OSError) as e:
+        except CacheError as e:
             problem = str(e)
+        except OSError as e:
+            problem = str(output_error(root, e))
     if not group.agree(problem is None):
         raise EmbedError(problem or "rank 0 could not open the output folder")
     return committed_shards(root)
@@ -246,7 +269,7 @@ def _hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
         return None, f"{path}: cannot read file ({e.strerror or e})"
 
 
-def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool, lookup=None):
+def hash_all(paths: Sequence[Path], group: Ranks, workers: int, progress: bool, lookup=None):
     """(key or None per path, [(path, error)] of this rank's unreadable files).
 
     Files the path map of ``lookup`` knows with the same size and mtime are not read.
@@ -299,6 +322,7 @@ def encode_items(
     strict: bool,
     progress: bool,
     desc: str,
+    after_batch: Optional[Callable[[], None]] = None,
 ) -> Tuple[int, List[Tuple[str, str]], float]:
     """Run the pipeline over ``items``; (images encoded, failures, seconds the tower worked)."""
     failures: List[Tuple[str, str]] = []
@@ -312,7 +336,7 @@ def encode_items(
         if bar is not None:
             bar.update(1)
 
-    encoder = Encoder(tower, dtype, emit)
+    encoder = BatchEncoder(tower, dtype, emit, after_batch)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
     # Shards end at fixed points of the work list (after the image that brings the
     # stored bytes to the target), and the batcher is drained there: which tiles share
@@ -381,7 +405,7 @@ class Plan:
 
 
 def plan_work(
-    paths, done: set, group: Group, workers: int, strict: bool, progress: bool, lookup=None
+    paths, done: set, group: Ranks, workers: int, strict: bool, progress: bool, lookup=None
 ) -> Plan:
     """Hash every image (split over ranks), drop duplicates and cached ones, take my share."""
     keys, failures = hash_all(paths, group, workers, progress and group.rank == 0, lookup)
@@ -400,11 +424,12 @@ def plan_work(
 
 def make_writer(
     root: Path,
-    group: Group,
+    group: Ranks,
     settings: dict,
     model_name: str,
     dtype: str,
     shard_size_mb: float,
+    midway: Optional[Callable[[], None]] = None,
     lookup=None,
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
@@ -419,7 +444,7 @@ def make_writer(
         dtype,
         rank=group.rank,
         shard_bytes=int(shard_size_mb * 1e6),
-        midway=_midway_hook(),
+        midway=midway,
         lookup=lookup if group.size == 1 else None,  # ranks' shards enter it at the merge
     )
 
@@ -455,16 +480,20 @@ def embed(
     strict: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    after_batch: Optional[Callable[[], None]] = None,
+    midway: Optional[Callable[[], None]] = None,
 ) -> Summary:
     """Encode every image of ``images`` into the cache at ``out`` (see the module doc).
 
     ``model``: a converted model folder / repo id, or a loaded ``Model``. ``workers``:
-    decoding threads (default: the cores, at most 8).
+    decoding threads (default: the cores, at most 8). ``after_batch`` runs after each
+    encoded batch and ``midway`` in the middle of each shard write (tests pause there
+    to interrupt a run at a chosen moment).
     """
     t0 = time.perf_counter()
     _check_options(dtype, batch_size, shard_size_mb)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    group = Group.init()
+    group = Ranks()
     paths = _list(images, image_root)
     tower, pcfg, family, model_name = load_vision(model)
     tower = compute_tower(tower)
@@ -476,52 +505,43 @@ def embed(
         except CacheError as e:
             raise EmbedError(str(e)) from None
     t_work = time.perf_counter()
-    with locked(root, group.rank == 0):
+    fresh = group.rank == 0 and not root.exists()
+    with locked(root, group.rank == 0), _no_empty_cache_left(root, fresh), ExitStack() as stack:
         open_cache(root, settings, model_name, group, log)
         lookup = Lookup(root, writable=group.rank == 0)
-        try:
-            return _run(
-                root, lookup, group, paths, images, tower, pcfg, settings, model_name,
-                dtype=dtype, batch_size=batch_size, workers=workers,
-                shard_size_mb=shard_size_mb, strict=strict, progress=progress, log=log,
-                t0=t0, t_work=t_work,
-            )
-        finally:
-            lookup.close()
-
-
-def _run(root, lookup, group, paths, images, tower, pcfg, settings, model_name, *, dtype,
-         batch_size, workers, shard_size_mb, strict, progress, log, t0, t_work) -> Summary:
-    """Plan, encode and finish one run inside the lock (``embed`` holds the lookup)."""
-    plan = plan_work(paths, cached_keys(lookup), group, workers, strict, progress, lookup)
-    if group.rank == 0:
-        log(plan.describe(images, group.size))
-    writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb, lookup)
-    desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
-    encoded, bad, busy = encode_items(
-        plan.todo,
-        tower,
-        pcfg,
-        writer,
-        dtype=dtype,
-        batch_size=batch_size,
-        workers=workers,
-        strict=strict,
-        progress=progress and group.rank == 0,
-        desc=desc,
-    )
-    summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype, lookup)
-    summary.work_seconds = time.perf_counter() - t_work
-    summary.tower_seconds = busy
-    summary.seconds = time.perf_counter() - t0
-    if group.rank == 0:
-        _write_report(root, summary, images, model_name)
-    group.barrier()
+        stack.callback(lookup.close)
+        plan = plan_work(paths, cached_keys(lookup), group, workers, strict, progress, lookup)
+        if group.rank == 0:
+            log(plan.describe(images, group.size))
+        writer = make_writer(
+            root, group, settings, model_name, dtype, shard_size_mb, midway, lookup
+        )
+        desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
+        encoded, bad, busy = encode_items(
+            plan.todo,
+            tower,
+            pcfg,
+            writer,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            strict=strict,
+            progress=progress and group.rank == 0,
+            desc=desc,
+            after_batch=after_batch,
+        )
+        summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype, lookup)
+        summary.work_seconds = time.perf_counter() - t_work
+        summary.tower_seconds = busy
+        summary.seconds = time.perf_counter() - t0
+        if group.rank == 0:
+            _write_report(root, summary, images, model_name)
+        group.barrier()
     return summary
 
 
 def _finish(
-    root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str, lookup=None
+    root: Path, group: Ranks, plan: Plan, encoded: int, failures, dtype: str, lookup=None
 ) -> Summary:
     """Counts over every rank; on rank 0, the merged index and the cache totals."""
     _write_rank_report(root, group, failures)
@@ -539,27 +559,19 @@ def _finish(
     if group.rank == 0:
         cache_mod.merge_journals(root)
         if lookup is not None:
-            root_ = Path(root)
-            lookup.sync(committed_shards(root_), lambda r: cache_mod.read_entries(root_, r))
+            lookup.sync(committed_shards(root), lambda r: cache_mod.read_entries(root, r))
         summary.failures = _gather_failures(root, group, failures)
         summary.report = str(root / REPORT)
         _fill_cache_totals(summary, root)
     return summary
 
 
-def _midway_hook():
-    from .pipeline import test_delay
-
-    delay = test_delay()
-    return (lambda: time.sleep(delay)) if delay else None
-
-
-def _write_rank_report(root: Path, group: Group, failures) -> None:
+def _write_rank_report(root: Path, group: Ranks, failures) -> None:
     if group.size > 1:
         cache_mod.write_json(root / f"report.rank{group.rank}.json", {"failures": failures})
 
 
-def _gather_failures(root: Path, group: Group, mine) -> List[Tuple[str, str]]:
+def _gather_failures(root: Path, group: Ranks, mine) -> List[Tuple[str, str]]:
     if group.size == 1:
         return list(mine)
     out = []

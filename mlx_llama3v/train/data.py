@@ -17,7 +17,7 @@ these formats:
 
 Relative image paths are read under ``image_root`` (default: the data file's folder);
 images stored in a dataset arrive as ``ImageBytes``. With a feature cache the
-``Encoder`` takes each image's key and tile layout from the cache (``layout``) and
+``SampleEncoder`` takes each image's key and tile layout from the cache (``layout``) and
 opens no image file.
 
 The loss falls on assistant tokens only, found from the chat template itself: the
@@ -47,8 +47,10 @@ import numpy as np
 
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
-from ..processing.processor import ProcessedImage, resolve_processor_config
-from .readers import ImageBytes, Record, ReaderError, first_line, open_records
+from ..errors import UserError, one_line
+from ..processing import resolve_processor_config
+from ..processing.processor import ProcessedImage
+from .readers import ImageBytes, Record, ReaderError, open_records
 
 ROLE_ALIASES = {
     "human": "user",
@@ -60,7 +62,7 @@ ROLE_ALIASES = {
 IMAGE_MARKER = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record under ``strict``: the message is one line, ``file:line: reason``."""
 
 
@@ -294,7 +296,7 @@ def _is_pil(src: Any) -> bool:
 
 # ------------------------------------------------------------------ tokenizing
 @dataclass
-class Encoder:
+class SampleEncoder:
     """Turns messages into a ``Sample`` for one model: template, masks, checks.
 
     ``projector_config`` and the processor's patch size give the feature rows each
@@ -498,7 +500,7 @@ def _unwrap(messages):
 # ------------------------------------------------------------------ data sets
 def load_samples(
     paths: Sequence,
-    encoder: Encoder,
+    encoder: SampleEncoder,
     image_root: Optional[Path] = None,
     strict: bool = False,
     keep: Callable[[int], bool] = lambda i: True,
@@ -520,7 +522,7 @@ def load_samples(
         try:
             stream = read_records(path)
         except (ReaderError, OSError) as e:
-            raise DataError(f"{path}: {first_line(e)}" if isinstance(e, OSError) else str(e)) from None
+            raise DataError(f"{path}: {one_line(e)}" if isinstance(e, OSError) else str(e)) from None
         bar = _bar(stream, path, progress)
         for record in stream:
             i, index = index, index + 1
@@ -582,14 +584,14 @@ def _write(log, bar, text: str) -> None:
         bar.refresh()
 
 
-def _encode_record(record: Record, encoder: Encoder, root: Path):
+def _encode_record(record: Record, encoder: SampleEncoder, root: Path):
     if record.error:
         raise BadSample(record.error)
     messages = to_messages(record.data, root)
     try:
         return encoder.encode(messages, record.where)
     except (PromptError, ImageError) as e:
-        raise BadSample(_first_line(e)) from None
+        raise BadSample(one_line(e)) from None
 
 
 def _kind(reason: str) -> str:
@@ -626,4 +628,3 @@ def _unit_hash(seed: int, index: int) -> float:
     return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
 
 
-_first_line = first_line

@@ -16,7 +16,6 @@ projector trains.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -57,13 +56,7 @@ class VisionFeatures:
 
 def project(model, groups: Groups, n_tiles: int) -> Optional[List[mx.array]]:
     """Projected rows of every tile, in tile order (differentiable w.r.t. the projector)."""
-    if not groups:
-        return None
-    out: List[Optional[mx.array]] = [None] * n_tiles
-    for idx, batch, feats in groups:
-        for i, rows in zip(idx, model.project(feats, batch)):
-            out[i] = rows
-    return out
+    return model.project_groups(groups, n_tiles) if groups else None
 
 
 def cache_layout(cache, processor_config: Mapping[str, Any]):
@@ -94,19 +87,3 @@ def cache_layout(cache, processor_config: Mapping[str, Any]):
         return key, ProcessedImage(tiles, grid)
 
     return layout
-
-
-def check_cache_settings(cache, processor_config: Mapping[str, Any], family: str) -> None:
-    """CacheError unless the cache was made with this model's image preprocessing."""
-    from ..embed.cache import settings_difference
-    from ..embed.runner import PREPROCESSING_KEYS
-
-    cfg = resolve_processor_config(processor_config, family)
-    now = json.loads(json.dumps({k: cfg.get(k) for k in PREPROCESSING_KEYS}))  # tuples -> lists
-    cached = cache.settings.get("preprocessing", {})
-    diff = settings_difference(cached, now)
-    if diff:
-        raise CacheError(
-            f"{cache.root} holds features made with other image settings ({diff}); "
-            "embed the images with this model"
-        )

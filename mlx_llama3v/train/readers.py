@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..errors import one_line
+
 BLOCK = 1 << 20
 MAX_RECORD = 256 << 20  # a "record" this long is a syntax error that swallowed the file
 HUB_PREFIX = "hf:"
@@ -136,7 +138,7 @@ def _jsonl_records(path: Path, stream: RecordStream) -> Iterator[Record]:
             try:
                 yield Record(json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8")), path, n)
             except (ValueError, UnicodeDecodeError) as e:
-                yield Record(None, path, n, f"malformed JSON ({first_line(e)})")
+                yield Record(None, path, n, f"malformed JSON ({one_line(e)})")
 
 
 class _Buffer:
@@ -183,14 +185,14 @@ def _array_records(path: Path, stream: RecordStream) -> Iterator[Record]:
         try:
             buf.peek()
         except UnicodeDecodeError as e:
-            yield Record(None, path, 1, f"not UTF-8 text ({first_line(e)})")
+            yield Record(None, path, 1, f"not UTF-8 text ({one_line(e)})")
             return
         buf.pos += 1  # the "["
         while True:
             try:
                 c = buf.peek()
             except UnicodeDecodeError as e:
-                yield Record(None, path, buf.line_at(buf.pos), f"not UTF-8 text ({first_line(e)})")
+                yield Record(None, path, buf.line_at(buf.pos), f"not UTF-8 text ({one_line(e)})")
                 return
             if c == "]":
                 return
@@ -219,13 +221,13 @@ def _decode_one(decoder: json.JSONDecoder, buf: _Buffer):
                 return value, None
         except ValueError as e:
             if buf.eof or len(buf.text) - buf.pos > MAX_RECORD:
-                return None, first_line(e)
+                return None, one_line(e)
         except UnicodeDecodeError as e:
-            return None, f"not UTF-8 text ({first_line(e)})"
+            return None, f"not UTF-8 text ({one_line(e)})"
         try:
             buf.more()
         except UnicodeDecodeError as e:
-            return None, f"not UTF-8 text ({first_line(e)})"
+            return None, f"not UTF-8 text ({one_line(e)})"
 
 
 # ------------------------------------------------------------------ datasets
@@ -252,7 +254,7 @@ def _dataset_records(source) -> RecordStream:
         try:
             ds = datasets.load_dataset(name, split=split or "train", streaming=True)
         except Exception as e:  # hub, network and builder errors come in many types
-            raise ReaderError(f"{text}: cannot load the dataset ({first_line(e)})") from None
+            raise ReaderError(f"{text}: cannot load the dataset ({one_line(e)})") from None
         ds = _raw_images(ds, datasets)
         return RecordStream(_rows(iter(ds), text), None, "rec")
     path = Path(text).expanduser()
@@ -262,7 +264,7 @@ def _dataset_records(source) -> RecordStream:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise ReaderError(f"{path}: cannot open the saved dataset ({first_line(e)})") from None
+        raise ReaderError(f"{path}: cannot open the saved dataset ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ReaderError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
@@ -283,7 +285,7 @@ def load_local_dataset(path: Path):
         else:
             ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets and pyarrow raise many types
-        raise ReaderError(f"{path}: cannot open the dataset ({first_line(e)})") from None
+        raise ReaderError(f"{path}: cannot open the dataset ({one_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ReaderError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
@@ -321,7 +323,7 @@ def _parquet_records(path: Path) -> RecordStream:
     try:
         f = pq.ParquetFile(path)
     except Exception as e:
-        raise ReaderError(f"{path}: cannot read the parquet file ({first_line(e)})") from None
+        raise ReaderError(f"{path}: cannot read the parquet file ({one_line(e)})") from None
 
     def rows():
         for batch in f.iter_batches(batch_size=1000):
@@ -365,10 +367,6 @@ def _image_value(value, name: str):
     if isinstance(value, (list, tuple)):
         return [_image_value(v, f"{name}[{i}]") for i, v in enumerate(value)]
     return value  # a path, or a PIL image
-
-
-def first_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def normalised(path) -> str:
