@@ -30,6 +30,13 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+def bytes_per_tile(tokens: int, width: int, dtype: str) -> int:
+    """Stored bytes of one tile's features (without the file's header); the embed
+    pipeline cuts shards with it before the tiles are encoded."""
+    scales = 4 * tokens if dtype == "int8" else 0
+    return tokens * width * BYTES[dtype] + scales
+
+
 def store(x: mx.array, dtype: str) -> Tuple[mx.array, Optional[mx.array]]:
     """(values, scales): ``x`` (..., D) in the storage type; scales only for int8."""
     x = x.astype(mx.float32)

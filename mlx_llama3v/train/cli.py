@@ -49,7 +49,7 @@ def check_numbers(**values: float) -> None:
 )
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Converted model folder (or repo id)."),
-    data: List[Path] = typer.Option(..., "--data", "-d", help="Training data (.json/.jsonl); repeatable."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="Training data: .json/.jsonl (LLaVA, MiniCPM-V, chat), a saved datasets folder, .parquet, or hf:<id>[:split]; repeatable."),
     out: Path = typer.Option(Path("adapters"), "--out", "-o", help="Output folder (adapters, checkpoints, metrics)."),
     stage: Stage = typer.Option(Stage.sft, "--stage", help="pretrain: projector only; sft: language model."),
     valid: List[Path] = typer.Option([], "--valid", help="Validation data file; repeatable."),

@@ -49,7 +49,7 @@ from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
 from ..errors import UserError, one_line
 from ..processing import resolve_processor_config
-from ..processing.processor import ProcessedImage
+from ..processing import ProcessedImage
 from .readers import ImageBytes, Record, ReaderError, open_records
 
 ROLE_ALIASES = {

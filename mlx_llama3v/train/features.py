@@ -24,7 +24,7 @@ import numpy as np
 from ..embed import CacheError, stack_features
 from ..models.vision import TileBatch
 from ..processing import preprocess_image
-from ..processing.processor import ProcessedImage, resolve_processor_config
+from ..processing import ProcessedImage, resolve_processor_config
 from .data import BadSample, DataError
 from .readers import ImageBytes
 
