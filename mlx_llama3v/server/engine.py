@@ -75,6 +75,7 @@ class Job:
         self.sampling = sampling
         self.events: "queue.Queue[Event]" = queue.Queue()
         self.cancelled = threading.Event()
+        self.done = False  # its last event ("done" or "error") was read
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.uid: Optional[int] = None
@@ -111,8 +112,10 @@ class Job:
                     self.cancel()
                     return
                 continue
-            yield event
             if event.kind != "text":
+                self.done = True
+            yield event
+            if self.done:
                 return
 
 
