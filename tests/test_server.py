@@ -233,7 +233,7 @@ def test_errors_come_in_openai_shape_with_the_right_status(servers, minicpm, ima
     family = "minicpm_v2_5"
     fine = [openai_user("Hi")]
 
-    def bad_request(messages=fine, match="", **kwargs):
+    def bad_request(messages=fine, match=None, **kwargs):
         with pytest.raises(openai.BadRequestError, match=match) as info:
             ask(client, family, messages, max_tokens=N, **kwargs)
         assert info.value.status_code == 400

@@ -31,7 +31,13 @@ from typing import Any, Dict, Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, StopSequences
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+)
 
 from ..generate import _fit_context, _prompt_embeddings
 from ..generation.features import tile_key
@@ -261,9 +267,10 @@ class Engine:
 
     def _insert(self, job: Job, cache, keys) -> None:
         s = job.sampling
-        sampler = make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k)
         if s.seed is not None and s.temperature > 0:
-            sampler = _seeded(sampler, s.seed)
+            sampler = seeded_sampler(s)
+        else:
+            sampler = make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k)
         processors = make_logits_processors(repetition_penalty=s.repetition_penalty)
         ids = job.inputs.input_ids
         (uid,) = self._batch.insert(
@@ -327,18 +334,24 @@ class Engine:
             job.events.put(Event("error", text=message))
 
 
-def _seeded(sampler, seed: int):
-    """``sampler`` drawing from its own random key (the request's seed), not the global one,
-    so a seeded request samples the same tokens whatever else runs beside it."""
-    key = [mx.random.key(seed)]
+def seeded_sampler(s: Sampling):
+    """mlx-lm's sampling chain (its top-p, min-p and top-k filters, then a categorical
+    draw at the temperature) drawing from the request's own random key, not MLX's
+    global one, so a seeded request gives the same tokens whatever runs beside it.
+    (``make_sampler`` always draws from the global key.)"""
+    filters = []
+    if 0 < s.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, s.top_p))
+    if s.min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, s.min_p))
+    if s.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, s.top_k))
+    key = [mx.random.key(s.seed)]
 
     def sample(logprobs):
-        saved = mx.random.state[0]
-        mx.random.state[0] = key[0]
-        try:
-            return sampler(logprobs)
-        finally:
-            key[0] = mx.random.state[0]
-            mx.random.state[0] = saved
+        key[0], draw = mx.random.split(key[0])
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * (1 / s.temperature), key=draw)
 
     return sample
