@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
+from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE
+
 from ..generate import ContextError
 from ..processing import ImageError, PromptError
 from .engine import DEFAULT_MAX_BATCH, Engine, Job
@@ -68,6 +70,7 @@ class Server:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         max_batch: int = DEFAULT_MAX_BATCH,
         prefix_cache_bytes: Optional[int] = None,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         log_requests: bool = False,
     ):
         self.model_id = model_id
@@ -81,7 +84,13 @@ class Server:
         self.created = int(time.time())
         # tokenizers and image preprocessing run in the request threads, one at a time
         self.processor_lock = threading.Lock()
-        self.engine = Engine(model, processor, max_batch=max_batch, prefix_cache_bytes=prefix_cache_bytes)
+        self.engine = Engine(
+            model,
+            processor,
+            max_batch=max_batch,
+            prefill_step_size=prefill_step_size,
+            prefix_cache_bytes=prefix_cache_bytes,
+        )
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.app = self

@@ -13,6 +13,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE
 
 from ..generation import cli
 from .engine import DEFAULT_MAX_BATCH
@@ -76,6 +77,7 @@ def run(
         Optional[int],
         typer.Option("--feature-cache-bytes", help="Image features kept by content, in bytes."),
     ] = None,
+    prefill_step_size: cli.PrefillStepSize = DEFAULT_PREFILL_STEP_SIZE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     checks = {
@@ -87,6 +89,7 @@ def run(
         "--max-image-pixels": max_image_pixels >= 1,
         "--max-body-bytes": max_body_bytes >= 1,
         "--prompt-cache-bytes": prompt_cache_bytes >= 0,
+        "--prefill-step-size": prefill_step_size >= 1,
     }
     for name, ok in checks.items():
         if not ok:
@@ -114,6 +117,7 @@ def run(
             default_max_tokens=max_tokens,
             max_batch=max_batch,
             prefix_cache_bytes=prompt_cache_bytes,
+            prefill_step_size=prefill_step_size,
             log_requests=verbose,
         )
     except OSError as e:

@@ -6,9 +6,9 @@ by the request thread). The engine thread then
 1. takes the KV cache of the longest known prefix (``PrefixCache``) and fetches the
    image features of the new tiles (``generation.features``: cached by content);
 2. prefills the rest of the prompt but its last token into that per-request mlx-lm
-   ``KVCache`` from the token embeddings with the image features spliced in, one
-   ``prefill_step_size`` chunk per turn of the loop, so running streams keep decoding
-   while a long prompt is read;
+   ``KVCache`` from the token embeddings with the image features spliced in, about
+   ``prefill_step_size`` tokens (of one prompt or several) per turn of the loop, so
+   running streams keep decoding while a long prompt is read;
 3. hands the last token, the filled cache, the sampler and the logits processors to
    mlx-lm's ``BatchGenerator``, which merges the caches into one batch (left-padded)
    and decodes one token for every running request per step (continuous batching:
@@ -230,24 +230,26 @@ class Engine:
             self._prefilling.append([job, self._prefill(job)])
 
     def _prefill_step(self) -> None:
-        """One chunk of the oldest prompt being read; a prompt read whole joins the batch."""
-        if not self._prefilling:
-            return
-        job, steps = self._prefilling[0]
-        try:
-            next(steps)
-            return
-        except StopIteration as done:
-            self._prefilling.pop(0)
-            cache, keys = done.value
-        except Exception as e:
-            self._prefilling.pop(0)
-            job.events.put(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
-            return
-        self._insert(job, cache, keys)
+        """Read prompts, oldest first, up to about ``prefill_step_size`` tokens in all; the
+        prompts read whole join the batch together (one merge, one first step)."""
+        budget = self.prefill_step_size
+        while self._prefilling and budget > 0:
+            job, steps = self._prefilling[0]
+            try:
+                budget -= max(1, next(steps))
+                continue
+            except StopIteration as done:
+                self._prefilling.pop(0)
+                cache, keys = done.value
+            except Exception as e:
+                self._prefilling.pop(0)
+                job.events.put(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            self._insert(job, cache, keys)
 
     def _prefill(self, job: Job):
-        """Generator: fills a KV cache with all of the prompt but its last token."""
+        """Generator: fills a KV cache with all of the prompt but its last token, yielding
+        the number of tokens read after each chunk; returns the cache and its keys."""
         inputs = job.inputs
         tile_keys = [tile_key(t) for t in inputs.tiles]
         keys = token_keys(inputs.input_ids, inputs.image_token_id, tile_keys, inputs.tokens_per_tile)
@@ -262,7 +264,7 @@ class Engine:
             j = i + self.prefill_step_size
             lm(ids[:, i:j], cache=cache.layers, input_embeddings=embeds[:, i:j])
             mx.eval([c.state for c in cache.layers])
-            yield
+            yield ids[:, i:j].shape[1]
         return cache, keys
 
     def _insert(self, job: Job, cache, keys) -> None:
