@@ -13,7 +13,9 @@ Rows:
   the tokens after each stream's first / (last token of any stream - first first
   token), and time to first token p50 / p95 over the streams (``--rounds`` rounds);
 - a conversation about ``examples/cat.png``: the first turn (nothing cached) and the
-  second turn (the first turn's KV cache and image features reused), time to first token.
+  second turn (the first turn's KV cache and image features reused), time to first token;
+- the LM head's matrix product at 1, 2, 4 and 8 rows: batched decoding gains only as
+  far as a product of B rows costs less than B products of one row.
 
 Goals (issue 17): aggregate decode at 4 streams >= 2.5x one stream; the second turn's
 first token >= 3x sooner than the first turn's. The load average is printed beside the
@@ -94,6 +96,20 @@ def concurrent(client, n, tokens):
     return aggregate, ttfts
 
 
+def matmul_ms(model, rows, repeats=3):
+    """Milliseconds of the LM head's product (rows x width by width x vocabulary): what one
+    decode step of ``rows`` streams costs in its largest matmul."""
+    import mlx.core as mx
+
+    weight = model.language_model.model.embed_tokens.weight  # tied: the LM head
+    x = mx.random.normal((rows, weight.shape[1]))
+    mx.eval(x @ weight.T)
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(x @ weight.T)
+    return (time.perf_counter() - tic) / repeats * 1000
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
@@ -155,6 +171,7 @@ def main():
     cold = statistics.median(t[0] for t in turns)
     warm = statistics.median(t[1] for t in turns)
     server.close()
+    heads = {n: matmul_ms(model, n) for n in (1, 2, 4, 8)}
 
     load = os.getloadavg()
     print(f"\nload average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
@@ -170,6 +187,10 @@ def main():
     print("|---|---|")
     print(f"| first turn (nothing cached) | {cold:.3f} |")
     print(f"| second turn (KV cache + image features reused) | {warm:.3f} ({cold / warm:.1f}x sooner) |")
+    print("\n| rows (streams) | LM head matmul (ms) | per stream (ms) |")
+    print("|---|---|---|")
+    for n, ms in heads.items():
+        print(f"| {n} | {ms:.1f} | {ms / n:.1f} |")
     print(f"\ngoals: 4 streams >= 2.5x one stream: {rows[4][0] / one:.2f}x "
           f"({'met' if rows[4][0] / one >= 2.5 else 'NOT met'}); second turn >= 3x sooner: "
           f"{cold / warm:.1f}x ({'met' if cold / warm >= 3 else 'NOT met'})")

@@ -17,6 +17,7 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE
 
 from ..generation import cli
 from .engine import DEFAULT_MAX_BATCH
+from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 
 API_KEY_ENV = "MLX_LLAMA3V_API_KEY"
 
@@ -72,7 +73,7 @@ def run(
         typer.Option(
             "--prompt-cache-bytes", help="KV caches of recent conversations kept, in bytes."
         ),
-    ] = 2 * 2**30,
+    ] = DEFAULT_PREFIX_CACHE_BYTES,
     feature_cache_bytes: Annotated[
         Optional[int],
         typer.Option("--feature-cache-bytes", help="Image features kept by content, in bytes."),

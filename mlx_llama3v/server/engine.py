@@ -44,6 +44,7 @@ from ..generation.features import tile_key
 from ..generation.prompt_cache import token_keys
 from ..generation.text import StopStrings, text_tokenizer
 from ..processing import PromptInputs
+from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from .prefix_cache import PrefixCache, from_layers
 
 DEFAULT_MAX_BATCH = 8
@@ -141,9 +142,9 @@ class Engine:
         self.tokenizer = text_tokenizer(processor.tokenizer)
         self.max_batch = max_batch
         self.prefill_step_size = prefill_step_size
-        self.prefix_cache = (
-            PrefixCache(model) if prefix_cache_bytes is None else PrefixCache(model, prefix_cache_bytes)
-        )
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = DEFAULT_PREFIX_CACHE_BYTES
+        self.prefix_cache = PrefixCache(model, prefix_cache_bytes)
         self._inbox: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._waiting: List[Job] = []
         self._prefilling: List[list] = []  # [job, steps iterator]
@@ -201,6 +202,7 @@ class Engine:
                     self._decode_step()
             except Exception as e:  # a fault in the model: fail every request, keep serving
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+        self._fail_all("the server is shutting down")
 
     def _receive(self, block: bool) -> None:
         try:
@@ -325,6 +327,8 @@ class Engine:
 
     def _keep_prefix(self, job: Job, layers) -> None:
         if layers:
+            # evaluated now: unevaluated, the slices would keep the whole batch's cache alive
+            mx.eval([c.state for c in layers])
             self.prefix_cache.put(from_layers(self.model, layers, job.keys + job.generated))
 
     def _fail_all(self, message: str) -> None:

@@ -112,7 +112,7 @@ def parse_request(body: bytes, default_max_tokens: int) -> ChatRequest:
         max_tokens=max_tokens,
         temperature=_number(data.get("temperature"), "temperature", 1.0, low=0.0, high=2.0),
         top_p=_number(data.get("top_p"), "top_p", 1.0, low=0.0, high=1.0, open_low=True),
-        top_k=_integer(data.get("top_k", 0) if data.get("top_k") is not None else 0, "top_k", low=0),
+        top_k=0 if data.get("top_k") is None else _integer(data["top_k"], "top_k", low=0),
         min_p=_number(data.get("min_p"), "min_p", 0.0, low=0.0, high=1.0),
         repetition_penalty=_optional_number(data.get("repetition_penalty"), "repetition_penalty"),
         seed=None if data.get("seed") is None else _integer(data["seed"], "seed"),
