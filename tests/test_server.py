@@ -406,3 +406,37 @@ def test_command_line_serves(servers, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ the prefix cache
+def test_the_prefix_cache_hands_out_its_entry_or_a_trimmed_copy_and_stays_bounded(minicpm):
+    import mlx.core as mx
+
+    from mlx_llama3v.server.prefix_cache import PrefixCache, cache_nbytes, from_layers
+    from mlx_llama3v.generation.prompt_cache import PromptCache
+
+    _, _, model, _ = minicpm
+
+    def filled(keys):
+        cache = PromptCache(model)
+        model.language_model(mx.array([list(range(1, len(keys) + 1))]), cache=cache.layers)
+        mx.eval([c.state for c in cache.layers])
+        return from_layers(model, cache.layers, keys)
+
+    store = PrefixCache(model)
+    conversation = filled(list("abcdef"))
+    store.put(conversation)
+    assert store.take(list("xyz")).offset == 0  # nothing shared: a new cache
+    copy = store.take(list("abcxyz"))  # shares a prefix of the entry: a copy, the entry stays
+    assert copy is not conversation and copy.keys == list("abc") and copy.offset == 3
+    assert len(store) == 1 and conversation.offset == 6
+    follow_up = store.take(list("abcdefgh"))  # the next turn: the entry itself, taken out
+    assert follow_up is conversation and len(store) == 0
+    assert follow_up.reuse(list("abcdefgh")) == 6
+
+    one = cache_nbytes(filled(list("abcdef")))
+    small = PrefixCache(model, max_bytes=2 * one)
+    for word in ("abcdef", "ghijkl", "mnopqr"):
+        small.put(filled(list(word)))
+    assert len(small) == 2 and small.nbytes <= 2 * one
+    assert small.take(list("abcdef")).offset == 0  # the oldest went first
