@@ -80,7 +80,13 @@ def concurrent(client, n, tokens):
     threads = [
         threading.Thread(
             target=one_stream,
-            args=(client, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokens, results, barrier),
+            args=(
+                client,
+                [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                tokens,
+                results,
+                barrier,
+            ),
         )
         for i in range(n)
     ]
@@ -117,7 +123,9 @@ def percentile(values, q):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8, help="language model layers (Llama-3.2-1B width)")
+    ap.add_argument(
+        "--layers", type=int, default=8, help="language model layers (Llama-3.2-1B width)"
+    )
     ap.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each concurrency level")
     ap.add_argument("--image", default=str(ROOT.parent / "examples" / "cat.png"))
@@ -126,7 +134,9 @@ def main():
     tic = time.perf_counter()
     processor = processor_for(Path(tempfile.mkdtemp()))
     vision, resampler = torch_vision()
-    model = mlx_model(vision, resampler, args.layers, processor.tokenizer.convert_tokens_to_ids("<unk>"))
+    model = mlx_model(
+        vision, resampler, args.layers, processor.tokenizer.convert_tokens_to_ids("<unk>")
+    )
     vision = resampler = None
     print(f"built the model in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
     server = serve(model, processor, "bench", port=0)
@@ -137,7 +147,7 @@ def main():
 
     # the reference: stream_generate alone, the same question
     stamps, start = [], time.perf_counter()
-    for r in stream_generate(model, processor, QUESTIONS[0], max_tokens=args.tokens):
+    for _ in stream_generate(model, processor, QUESTIONS[0], max_tokens=args.tokens):
         stamps.append(time.perf_counter())
     reference = (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - start
 
@@ -157,15 +167,28 @@ def main():
     for _ in range(args.rounds):
         server.engine.prefix_cache.clear()
         feature_cache(model).clear()
-        first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                              {"type": "text", "text": "What is in this image?"}]}]
+        first = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ]
         out = []
         one_stream(client, first, 8, out)
-        answer = client.chat.completions.create(  # the same answer as the stream above
-            model="bench", messages=first, max_tokens=8, temperature=0
-        ).choices[0].message.content
-        follow = first + [{"role": "assistant", "content": answer},
-                          {"role": "user", "content": "Describe the picture in detail."}]
+        answer = (
+            client.chat.completions.create(  # the same answer as the stream above
+                model="bench", messages=first, max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
+        follow = first + [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Describe the picture in detail."},
+        ]
         one_stream(client, follow, 8, out)
         turns.append([s[0] - start for start, s in out])
     cold = statistics.median(t[0] for t in turns)
@@ -174,26 +197,35 @@ def main():
     heads = {n: matmul_ms(model, n) for n in (1, 2, 4, 8)}
 
     load = os.getloadavg()
-    print(f"\nload average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
-          f"model: so400m tower + resampler + Llama {args.layers} layers x 2048, float32; "
-          f"{args.tokens} tokens a stream, {args.rounds} rounds\n")
+    print(
+        f"\nload average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
+        f"model: so400m tower + resampler + Llama {args.layers} layers x 2048, float32; "
+        f"{args.tokens} tokens a stream, {args.rounds} rounds\n"
+    )
     print("| streams | aggregate decode tok/s | vs 1 stream | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---|---|---|---|---|")
-    print(f"| reference: `stream_generate`, 1 request | {reference[0]:.2f} | | {reference[1]:.3f} | |")
+    print(
+        f"| reference: `stream_generate`, 1 request | {reference[0]:.2f} | | {reference[1]:.3f} | |"
+    )
     one = rows[1][0]
     for n, (agg, p50, p95) in rows.items():
         print(f"| {n} | {agg:.2f} | {agg / one:.2f}x | {p50:.3f} | {p95:.3f} |")
     print("\n| conversation about an image | TTFT (s) |")
     print("|---|---|")
     print(f"| first turn (nothing cached) | {cold:.3f} |")
-    print(f"| second turn (KV cache + image features reused) | {warm:.3f} ({cold / warm:.1f}x sooner) |")
+    print(
+        f"| second turn (KV cache + image features reused) | {warm:.3f} "
+        f"({cold / warm:.1f}x sooner) |"
+    )
     print("\n| rows (streams) | LM head matmul (ms) | per stream (ms) |")
     print("|---|---|---|")
     for n, ms in heads.items():
         print(f"| {n} | {ms:.1f} | {ms / n:.1f} |")
-    print(f"\ngoals: 4 streams >= 2.5x one stream: {rows[4][0] / one:.2f}x "
-          f"({'met' if rows[4][0] / one >= 2.5 else 'NOT met'}); second turn >= 3x sooner: "
-          f"{cold / warm:.1f}x ({'met' if cold / warm >= 3 else 'NOT met'})")
+    print(
+        f"\ngoals: 4 streams >= 2.5x one stream: {rows[4][0] / one:.2f}x "
+        f"({'met' if rows[4][0] / one >= 2.5 else 'NOT met'}); second turn >= 3x sooner: "
+        f"{cold / warm:.1f}x ({'met' if cold / warm >= 3 else 'NOT met'})"
+    )
     print(f"total {time.perf_counter() - tic:.0f} s", file=sys.stderr)
 
 

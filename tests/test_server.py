@@ -29,7 +29,6 @@ from PIL import Image
 from mlx_llama3v import generate
 from mlx_llama3v.generation.features import feature_cache
 from mlx_llama3v.server import serve
-from mlx_llama3v.server.images import ImageLimits
 from test_generate import FAMILIES, IMAGE_A, IMAGE_B, QUESTIONS, Tiny
 
 N = 10
@@ -70,7 +69,9 @@ class Servers:
             options.setdefault("max_body_bytes", MAX_BODY)
             server = serve(model, processor, "tiny-" + family, port=0, **options)
             client = openai.OpenAI(
-                base_url=server.url + "/v1", api_key=options.get("api_key") or "none", max_retries=0,
+                base_url=server.url + "/v1",
+                api_key=options.get("api_key") or "none",
+                max_retries=0,
                 timeout=120,
             )
             self.running[key] = (server, client, model, processor)
@@ -99,7 +100,9 @@ def ask(client, family, messages, **kwargs):
 
 def streamed(client, family, messages, **kwargs):
     pieces, finish, usage = [], None, None
-    stream = ask(client, family, messages, stream=True, stream_options={"include_usage": True}, **kwargs)
+    stream = ask(
+        client, family, messages, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
     for event in stream:
         if event.usage is not None:
             usage = event.usage
@@ -144,10 +147,16 @@ def test_system_message_two_images_and_text_only(minicpm):
         openai_user("Compare the pictures.", [data_url(IMAGE_A), data_url(IMAGE_B)]),
     ]
     expected = generate(model, processor, ours, max_tokens=N).text
-    assert ask(client, family, theirs, max_tokens=N, temperature=0).choices[0].message.content == expected
+    assert (
+        ask(client, family, theirs, max_tokens=N, temperature=0).choices[0].message.content
+        == expected
+    )
     text_only = [{"role": "user", "content": "Tell me a story."}]
     expected = generate(model, processor, text_only, max_tokens=N).text
-    assert ask(client, family, text_only, max_tokens=N, temperature=0).choices[0].message.content == expected
+    assert (
+        ask(client, family, text_only, max_tokens=N, temperature=0).choices[0].message.content
+        == expected
+    )
 
 
 def test_stop_strings_and_finish_reasons(minicpm):
@@ -163,7 +172,10 @@ def test_stop_strings_and_finish_reasons(minicpm):
     assert answer.choices[0].finish_reason == "stop"
     text, finish, _ = streamed(client, family, request, max_tokens=N, temperature=0, stop=[stop])
     assert (text, finish) == (expected.text, "stop")
-    assert ask(client, family, request, max_tokens=2, temperature=0).choices[0].finish_reason == "length"
+    assert (
+        ask(client, family, request, max_tokens=2, temperature=0).choices[0].finish_reason
+        == "length"
+    )
 
 
 def test_seeded_sampling_repeats(minicpm):
@@ -200,7 +212,13 @@ def image_site(tmp_path_factory):
 def test_image_by_url_from_a_local_http_server(minicpm, image_site):
     server, client, model, processor = minicpm
     expected = generate(model, processor, [our_user(QUESTIONS[0], [IMAGE_A])], max_tokens=N).text
-    answer = ask(client, "minicpm_v2_5", [openai_user(QUESTIONS[0], [image_site + "/a.png"])], max_tokens=N, temperature=0)
+    answer = ask(
+        client,
+        "minicpm_v2_5",
+        [openai_user(QUESTIONS[0], [image_site + "/a.png"])],
+        max_tokens=N,
+        temperature=0,
+    )
     assert answer.choices[0].message.content == expected
 
 
@@ -237,10 +255,14 @@ def test_errors_come_in_openai_shape_with_the_right_status(servers, minicpm, ima
         with pytest.raises(openai.BadRequestError, match=match) as info:
             ask(client, family, messages, max_tokens=N, **kwargs)
         assert info.value.status_code == 400
-        assert info.value.body["message"]  # OpenAI's {"error": {"message", "type", "param", "code"}}
+        assert info.value.body[
+            "message"
+        ]  # OpenAI's {"error": {"message", "type", "param", "code"}}
         return info.value
 
-    e = bad_request([openai_user("Hi", ["data:image/png;base64,bm90IGFuIGltYWdl"])], "not a recognised image")
+    e = bad_request(
+        [openai_user("Hi", ["data:image/png;base64,bm90IGFuIGltYWdl"])], "not a recognised image"
+    )
     assert e.code == "invalid_image" and e.param == "messages[0].content[0].image_url"
     bad_request([openai_user("Hi", ["data:image/png;base64,%%%"])], "not valid base64")
     bad_request([openai_user("Hi", [image_site + "/not-an-image.png"])], "not a recognised image")
@@ -261,7 +283,22 @@ def test_errors_come_in_openai_shape_with_the_right_status(servers, minicpm, ima
     assert info.value.code == "model_not_found"
 
     with pytest.raises(openai.APIStatusError) as info:  # the body limit of the test servers
-        ask(client, family, [openai_user("Hi", [data_url(Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8)))])])
+        ask(
+            client,
+            family,
+            [
+                openai_user(
+                    "Hi",
+                    [
+                        data_url(
+                            Image.fromarray(
+                                np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8)
+                            )
+                        )
+                    ],
+                )
+            ],
+        )
     assert info.value.status_code == 413 and info.value.code == "request_too_large"
 
     locked, locked_client, *_ = servers.get(family, api_key="secret")
@@ -320,7 +357,11 @@ def test_eight_clients_five_requests_each_none_mixed_up(minicpm):
             if r % 2:
                 text, _, _ = streamed(client, family, messages, max_tokens=n, temperature=0)
             else:
-                text = ask(client, family, messages, max_tokens=n, temperature=0).choices[0].message.content
+                text = (
+                    ask(client, family, messages, max_tokens=n, temperature=0)
+                    .choices[0]
+                    .message.content
+                )
             peak[0] = max(peak[0], server.engine.stats()["running"])
             texts.append(text)
         return texts
@@ -360,7 +401,12 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(minicpm):
     deadline = time.monotonic() + 5
     while server.engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert server.engine.stats() == {**server.engine.stats(), "running": 0, "prefilling": 0, "waiting": 0}
+    assert server.engine.stats() == {
+        **server.engine.stats(),
+        "running": 0,
+        "prefilling": 0,
+        "waiting": 0,
+    }
     answer = ask(client, "minicpm_v2_5", [openai_user("Hi")], max_tokens=3, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length")
 
@@ -390,7 +436,17 @@ def test_command_line_bad_input_is_one_error_line(tmp_path):
 def test_command_line_serves(servers, tmp_path):
     _, out, _, _ = servers.tiny.get("minicpm_v2_5")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_llama3v.server", "--model", str(out), "--port", "0", "--api-key", "k"],
+        [
+            sys.executable,
+            "-m",
+            "mlx_llama3v.server",
+            "--model",
+            str(out),
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

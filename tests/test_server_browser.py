@@ -102,8 +102,9 @@ def test_the_chat_page_answers_about_an_image_and_stops(browser, served, tmp_pat
     # count the answer's updates: it must arrive in pieces, not at once
     page.evaluate(
         """() => { window.updates = 0;
-        new MutationObserver(() => { window.updates += 1; })
-          .observe(document.getElementById('conversation'), {subtree: true, characterData: true, childList: true}); }"""
+        new MutationObserver(() => { window.updates += 1; }).observe(
+          document.getElementById('conversation'),
+          {subtree: true, characterData: true, childList: true}); }"""
     )
     (tmp_path / "a.png").write_bytes(png(IMAGE_A))
     page.set_input_files("#file", str(tmp_path / "a.png"))
@@ -133,7 +134,8 @@ def test_the_chat_page_answers_about_an_image_and_stops(browser, served, tmp_pat
     page.fill("#prompt", "Tell me a very long story about it.")
     page.click("#send")
     page.wait_for_function(
-        "document.querySelectorAll('.message.assistant .text')[1]?.textContent.length > 0", timeout=60000
+        "document.querySelectorAll('.message.assistant .text')[1]?.textContent.length > 0",
+        timeout=60000,
     )
     assert page.is_enabled("#stop")
     page.click("#stop")

@@ -160,7 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif path.startswith("/static/"):
                 self._static(path[len("/static/") :])
             elif path == "/health":
-                self._json(200, {"status": "ok", "model": self.app.model_id, **self.app.engine.stats()})
+                self._json(
+                    200, {"status": "ok", "model": self.app.model_id, **self.app.engine.stats()}
+                )
             elif path in ("/v1/models", "/v1/models/"):
                 self._authorize()
                 self._json(200, {"object": "list", "data": [self._model_card()]})
@@ -227,7 +229,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise APIError(500, event.text, code="generation_failed")
             else:
                 body = completion(
-                    completion_id(), self.app.model_id, "".join(pieces), event.finish_reason, event.usage
+                    completion_id(),
+                    self.app.model_id,
+                    "".join(pieces),
+                    event.finish_reason,
+                    event.usage,
                 )
                 self._json(200, body)
                 return
@@ -280,13 +286,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- helpers
     def _model_card(self) -> Dict[str, Any]:
-        return {"id": self.app.model_id, "object": "model", "created": self.app.created, "owned_by": "mlx_llama3v"}
+        return {
+            "id": self.app.model_id,
+            "object": "model",
+            "created": self.app.created,
+            "owned_by": "mlx_llama3v",
+        }
 
     def _check_model(self, name: str) -> None:
         if name not in self.app.model_names:
             raise APIError(
                 404,
-                f"the model {name!r} does not exist on this server; it serves {self.app.model_id!r}",
+                f"the model {name!r} does not exist on this server; "
+                f"it serves {self.app.model_id!r}",
                 param="model",
                 code="model_not_found",
             )

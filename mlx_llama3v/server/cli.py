@@ -32,17 +32,22 @@ def run(
     model: cli.Model = "mustafaaljadery/llama3v",
     adapter_path: cli.AdapterPath = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on (0: any free port).")
+    ] = 8080,
     api_key: Annotated[
         Optional[str],
         typer.Option(
             "--api-key",
-            help=f"Require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV}, else none).",
+            help="Require 'Authorization: Bearer KEY' on /v1/ "
+            f"(default: ${API_KEY_ENV}, else none).",
         ),
     ] = None,
     model_name: Annotated[
         Optional[str],
-        typer.Option("--model-name", help="The model id clients send (default: the --model value)."),
+        typer.Option(
+            "--model-name", help="The model id clients send (default: the --model value)."
+        ),
     ] = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", help="Answer length when a request sets no max_tokens.")
@@ -113,7 +118,9 @@ def run(
             port=port,
             api_key=key,
             aliases=model_aliases(model) if model_name is None else (),
-            image_limits=ImageLimits(max_image_bytes, max_image_pixels, image_timeout, allow_local_images),
+            image_limits=ImageLimits(
+                max_image_bytes, max_image_pixels, image_timeout, allow_local_images
+            ),
             max_body_bytes=max_body_bytes,
             default_max_tokens=max_tokens,
             max_batch=max_batch,
@@ -123,8 +130,12 @@ def run(
         )
     except OSError as e:
         cli.fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
-    print(f"mlx_llama3v.server: serving {server.model_id!r} on {server.url} (chat page: {server.url}/)",
-          file=sys.stderr, flush=True)
+    print(
+        f"mlx_llama3v.server: serving {server.model_id!r} on {server.url} "
+        f"(chat page: {server.url}/)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

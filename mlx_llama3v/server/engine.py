@@ -254,7 +254,9 @@ class Engine:
         the number of tokens read after each chunk; returns the cache and its keys."""
         inputs = job.inputs
         tile_keys = [tile_key(t) for t in inputs.tiles]
-        keys = token_keys(inputs.input_ids, inputs.image_token_id, tile_keys, inputs.tokens_per_tile)
+        keys = token_keys(
+            inputs.input_ids, inputs.image_token_id, tile_keys, inputs.tokens_per_tile
+        )
         cache = self.prefix_cache.take(keys)
         start = cache.reuse(keys)
         job.cached_tokens = start

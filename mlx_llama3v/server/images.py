@@ -41,7 +41,9 @@ class ImageLimits:
 
 def fetch_image(part: ImagePart, limits: ImageLimits) -> Image.Image:
     url = part.url.strip()
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+    scheme = (
+        urllib.parse.urlsplit(url).scheme.lower() if "://" in url or url.startswith("data:") else ""
+    )
     if scheme == "data":
         data = _data_url(url, part, limits)
     elif scheme in ("http", "https"):
@@ -80,7 +82,9 @@ def _download(url: str, part: ImagePart, limits: ImageLimits) -> bytes:
         with urllib.request.urlopen(request, timeout=limits.timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limits.max_bytes:
-                raise _bad(part, f"the image is {length} bytes, over the limit of {limits.max_bytes}")
+                raise _bad(
+                    part, f"the image is {length} bytes, over the limit of {limits.max_bytes}"
+                )
             data = bytearray()
             while True:
                 piece = response.read(_CHUNK)
@@ -104,7 +108,9 @@ def _local(url: str, part: ImagePart, limits: ImageLimits) -> bytes:
             "local image paths are not allowed on this server (start it with "
             "--allow-local-images), send the image as a data: URL",
         )
-    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url)
+    path = Path(
+        urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url
+    )
     path = path.expanduser()
     try:
         if path.stat().st_size > limits.max_bytes:

@@ -97,7 +97,9 @@ def parse_request(body: bytes, default_max_tokens: int) -> ChatRequest:
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("'stream_options' must be an object", "stream_options")
-    include_usage = _boolean((options or {}).get("include_usage", False), "stream_options.include_usage")
+    include_usage = _boolean(
+        (options or {}).get("include_usage", False), "stream_options.include_usage"
+    )
     if options is not None and not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
 
@@ -144,7 +146,9 @@ def _messages(value) -> tuple:
             out.append({"role": role, "content": content})
             continue
         if not isinstance(content, list):
-            raise invalid(f"{where}.content must be a string or a list of parts", f"{where}.content")
+            raise invalid(
+                f"{where}.content must be a string or a list of parts", f"{where}.content"
+            )
         parts = []
         for j, part in enumerate(content):
             pwhere = f"{where}.content[{j}]"
@@ -221,7 +225,9 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion(cid: str, model: str, text: str, finish: str, usage: Dict[str, Any]) -> Dict[str, Any]:
+def completion(
+    cid: str, model: str, text: str, finish: str, usage: Dict[str, Any]
+) -> Dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
