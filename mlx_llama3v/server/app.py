@@ -111,7 +111,8 @@ class Server:
         self.httpd.serve_forever()
 
     def close(self) -> None:
-        self.httpd.shutdown() if self._thread is not None else None
+        if self._thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()
         self.engine.close()
 
@@ -193,13 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.app
         request = parse_request(body, app.default_max_tokens)
         self._check_model(request.model)
-        for part in request.images:  # each part object is shared with its message
-            image = fetch_image(part, app.image_limits)
-            for message in request.messages:
-                if isinstance(message["content"], list):
-                    for p in message["content"]:
-                        if p.get("image") is part:
-                            p["image"] = image
+        for part in request.images:
+            part.slot["image"] = fetch_image(part, app.image_limits)
         try:
             with app.processor_lock:
                 inputs = app.processor(request.messages)

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, StopSequences
+from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -286,7 +286,6 @@ class Engine:
             all_tokens=[np.asarray(ids[:-1]).tolist()],
             samplers=[sampler],
             logits_processors=[processors],
-            stop_sequences=[StopSequences([[t] for t in sorted(self.tokenizer.eos_token_ids)])],
         )
         job.uid = uid
         job.keys = keys

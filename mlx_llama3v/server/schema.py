@@ -60,16 +60,19 @@ def invalid(message: str, param: Optional[str] = None, code: str = "invalid_valu
 
 @dataclass
 class ImagePart:
-    """An ``image_url`` content part, still to be fetched; ``where`` names it in errors."""
+    """An ``image_url`` content part, still to be fetched; ``where`` names it in errors.
+    ``slot`` is its part in ``ChatRequest.messages``: the fetched image goes in
+    ``slot["image"]``."""
 
     url: str
     where: str
+    slot: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ChatRequest:
     model: str
-    messages: List[Dict[str, Any]]  # content: str or [("text", str) | ImagePart]
+    messages: List[Dict[str, Any]]  # processing.build_prompt's messages
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
@@ -165,9 +168,9 @@ def _messages(value) -> tuple:
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str) or not url:
                     raise invalid(f"{pwhere}.image_url.url must be a string", f"{pwhere}.image_url")
-                image = ImagePart(url, f"{pwhere}.image_url")
-                images.append(image)
-                parts.append({"type": "image", "image": image})
+                slot = {"type": "image", "image": None}
+                images.append(ImagePart(url, f"{pwhere}.image_url", slot))
+                parts.append(slot)
             else:
                 raise invalid(
                     f"{pwhere}: unsupported content part type {kind!r} (use 'text' or 'image_url')",
