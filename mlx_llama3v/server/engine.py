@@ -109,15 +109,21 @@ class Job:
         }
 
     def stream(self, poll: float = 0.1, alive=None) -> Iterator[Event]:
-        """The job's events until "done" or "error". ``alive()`` is asked every ``poll``
-        seconds while waiting; when it says False the job is cancelled and this ends."""
+        """The job's events until "done" or "error". ``alive()`` is asked about every
+        ``poll`` seconds, whether events come or not; when it says False the job is
+        cancelled and this ends."""
+        asked = time.monotonic()
         while True:
             try:
                 event = self.events.get(timeout=poll)
             except queue.Empty:
-                if alive is not None and not alive():
+                event = None
+            if alive is not None and (event is None or time.monotonic() - asked >= poll):
+                asked = time.monotonic()
+                if not alive():
                     self.cancel()
                     return
+            if event is None:
                 continue
             if event.kind != "text":
                 self.done = True
