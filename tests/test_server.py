@@ -498,3 +498,18 @@ def test_the_prefix_cache_hands_out_its_entry_or_a_trimmed_copy_and_stays_bounde
         small.put(filled(list(word)))
     assert len(small) == 2 and small.nbytes <= 2 * one
     assert small.take(list("abcdef")).offset == 0  # the oldest went first
+
+
+def test_a_fault_of_ours_is_a_500_in_one_line_and_the_server_goes_on(minicpm, monkeypatch, capfd):
+    server, client, *_ = minicpm
+
+    def broken(messages):
+        raise RuntimeError("the processor broke")
+
+    monkeypatch.setattr(server, "processor", broken)
+    with pytest.raises(openai.InternalServerError, match="the processor broke"):
+        ask(client, "minicpm_v2_5", [openai_user("Hi")], max_tokens=2)
+    monkeypatch.undo()
+    assert ask(client, "minicpm_v2_5", [openai_user("Hi")], max_tokens=2).choices[0].finish_reason
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "RuntimeError: the processor broke" in err

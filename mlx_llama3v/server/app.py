@@ -135,6 +135,7 @@ class _Disconnected(Exception):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mlx_llama3v.server"
+    _streaming = False  # the 200 of an event stream has gone out
 
     @property
     def app(self) -> Server:
@@ -178,6 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
+        self._streaming = False
         try:
             if path not in ("/v1/chat/completions", "/chat/completions"):
                 self._drop_body()
@@ -188,6 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e)
         except _Disconnected:
             self.close_connection = True
+        except Exception as e:  # a bug of ours: say so in one line, keep serving
+            sys.stderr.write(f"error: {self.path}: {type(e).__name__}: {e}\n")
+            self.close_connection = True
+            if not self._streaming:
+                self._error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     # ---------------------------------------------------------------- chat completions
     def _chat(self, body: bytes) -> None:
@@ -243,6 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self._streaming = True
         self._event(chunk(cid, model, {"role": "assistant", "content": ""}))
         for event in job.stream(POLL_SECONDS, self._alive):
             if event.kind == "text":
