@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from generate import mlx_model, processor_for, torch_vision  # noqa: E402
 
-from mlx_llama3v.generate import stream_generate  # noqa: E402
+from mlx_llama3v import stream_generate  # noqa: E402
 from mlx_llama3v.generation.features import feature_cache  # noqa: E402
 from mlx_llama3v.server import serve  # noqa: E402
 

@@ -29,7 +29,6 @@ from hf_checkpoints import make_bunny, make_minicpm
 from mlx_llama3v.convert import convert
 from mlx_llama3v.embed import CacheError, FeatureCache, embed, stack_features, verify
 from mlx_llama3v.embed.cli import app
-from mlx_llama3v.embed.pipeline import DELAY_ENV
 from mlx_llama3v.embed.sources import SourceError, list_images
 from mlx_llama3v.loading import load
 from mlx_llama3v.models.vision import make_tile_batch
@@ -412,9 +411,9 @@ def test_verify_names_a_corrupted_shard(models, photos, tmp_path):
 
 # ------------------------------------------------------------------ interruption
 def start_embed(args, delay: float):
-    env = dict(os.environ, **{DELAY_ENV: str(delay)})
-    cmd = [sys.executable, "-m", "mlx_llama3v.embed", *map(str, args), "--no-progress"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    hook = str(Path(__file__).with_name("run_with_hook.py"))
+    cmd = [sys.executable, hook, "embed-delay", str(delay), "mlx_llama3v.embed", *map(str, args), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
 def committed(cache_dir: Path) -> int:
@@ -554,7 +553,7 @@ def test_two_ranks_with_mlx_launch_make_the_same_cache(models, photos, tmp_path)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}")
+        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}") from None
     # the launcher exits 0 even when a rank fails: check what the ranks wrote
     assert "over 2 ranks" in out, (out, err)
     index = json.loads((two / "index.json").read_text())

@@ -414,9 +414,9 @@ def test_a_client_that_disconnects_mid_answer_frees_its_slot(minicpm, stream):
 
 
 # ------------------------------------------------------------------ the command line
-def run_server(*args, timeout=60):
+def run_server(*args, timeout=60, command=("mlx_llama3v.server",)):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_llama3v.server", *args],
+        [sys.executable, "-m", *command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -433,6 +433,8 @@ def test_command_line_bad_input_is_one_error_line(tmp_path):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    result = run_server("--model", str(tmp_path / "missing"), command=("mlx_llama3v", "server"))
+    assert result.returncode == 2 and "model folder not found" in result.stderr
 
 
 def test_command_line_serves(servers, tmp_path):

@@ -40,9 +40,19 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import mlx.core as mx
 import numpy as np
 
-from ..atomic import fsync_path, temp_name, write_atomic
+from ..errors import DamagedFileError
+from ..files import (
+    fsync_path,
+    removed_on_failure,
+    safetensors_header,
+    sha256_file,
+    temp_name,
+    write_atomic,
+    writing,
+)
 from ..models.vision import TileBatch
 from .codec import MLX, NUMPY, TAGS, ErrorStats
+from ..errors import UserError
 
 FORMAT = "mlx_llama3v.embed"
 VERSION = 1
@@ -52,7 +62,7 @@ REPORT = "report.json"
 _HEX = frozenset("0123456789abcdef")
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """The cache folder cannot be used as asked; the message is one line for the user."""
 
 
@@ -67,16 +77,6 @@ def read_json(path: Path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CacheError(f"{path} is not valid JSON ({e})") from None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 # ------------------------------------------------------------------ safetensors
@@ -106,7 +106,7 @@ def write_safetensors(
     head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
     tmp = temp_name(Path(path))
-    with open(tmp, "wb") as f:
+    with removed_on_failure(tmp), writing(path), open(tmp, "wb") as f:
 
         def put(data) -> None:
             h.update(data)
@@ -127,12 +127,10 @@ def write_safetensors(
 
 def read_safetensors_header(buf) -> Tuple[dict, int]:
     """(header, offset of the data) of a safetensors file in ``buf`` (bytes or mmap)."""
-    if len(buf) < 8:
-        raise CacheError("truncated safetensors file (no header)")
-    (n,) = struct.unpack("<Q", buf[:8])
-    if 8 + n > len(buf):
-        raise CacheError("truncated safetensors file (header past the end)")
-    return json.loads(bytes(buf[8 : 8 + n])), 8 + n
+    try:
+        return safetensors_header(buf)
+    except DamagedFileError as e:
+        raise CacheError(str(e)) from None
 
 
 # ------------------------------------------------------------------ index and journals

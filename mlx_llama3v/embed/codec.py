@@ -30,12 +30,6 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def bytes_per_tile(tokens: int, width: int, dtype: str) -> int:
-    """Stored bytes of one tile's features (without the file's header)."""
-    scales = 4 * tokens if dtype == "int8" else 0
-    return tokens * width * BYTES[dtype] + scales
-
-
 def store(x: mx.array, dtype: str) -> Tuple[mx.array, Optional[mx.array]]:
     """(values, scales): ``x`` (..., D) in the storage type; scales only for int8."""
     x = x.astype(mx.float32)
@@ -134,8 +128,3 @@ def to_numpy(a: mx.array) -> np.ndarray:
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
     return np.asarray(a)
-
-
-def from_numpy(a: np.ndarray, tag: str) -> mx.array:
-    out = mx.array(a)
-    return out.view(mx.bfloat16) if tag == "BF16" else out

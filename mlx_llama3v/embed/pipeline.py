@@ -5,7 +5,7 @@ Three stages overlap:
 1. ``prepared``: a thread pool reads each image file, checks its bytes still hash to
    the key, decodes and preprocesses it into normalised tiles (PIL and numpy release
    the GIL). Results come back in input order, at most ``prefetch`` ahead.
-2. ``TileBatcher`` + ``Encoder`` (main thread): tiles wait in buckets of equal shape
+2. ``TileBatcher`` + ``BatchEncoder`` (main thread): tiles wait in buckets of equal shape
    until ``batch_size`` of one shape are there, then go through
    ``VisionTower.encode`` as one batch (no padding; shapes mix only to bound memory
    and at the end), are cast to the storage dtype on the device and their storage
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import queue
 import threading
 import time
@@ -37,15 +36,6 @@ import numpy as np
 from ..processing import ImageError, preprocess_image
 from .cache import EncodedImage, ShardWriter
 from .codec import ErrorStats, error_terms, stats_from, store, to_numpy
-
-# Test hook: seconds to sleep after each encoded batch and in the middle of each shard
-# write, so a test can kill the command at a chosen moment.
-DELAY_ENV = "MLX_LLAMA3V_EMBED_TEST_DELAY"
-
-
-def test_delay() -> float:
-    return float(os.environ.get(DELAY_ENV, "0") or 0)
-
 
 @dataclass
 class WorkItem:
@@ -210,12 +200,18 @@ class FeatureOverflow(RuntimeError):
     """Finite features became infinite in the storage dtype."""
 
 
-class Encoder:
+class BatchEncoder:
     """Encodes tile batches; emits each image once all its tiles are done."""
 
-    def __init__(self, tower, dtype: str, emit: Callable[[EncodedImage], None]):
+    def __init__(
+        self,
+        tower,
+        dtype: str,
+        emit: Callable[[EncodedImage], None],
+        after_batch: Optional[Callable[[], None]] = None,
+    ):
         self.tower, self.dtype, self.emit = tower, dtype, emit
-        self.delay = test_delay()
+        self.after_batch = after_batch  # called after each encoded batch (tests pause there)
         self.busy = 0.0  # seconds in the tower and the storage casts
 
     def start(self, p: Prepared) -> _Pending:
@@ -236,8 +232,8 @@ class Encoder:
         self.busy += time.perf_counter() - start
         for group, batch, values, scales, terms in groups:
             self._collect(refs, group, batch, values, scales, terms)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _collect(self, refs, group, batch, values, scales, terms) -> None:
         v, t = to_numpy(values), np.asarray(terms)

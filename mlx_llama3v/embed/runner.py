@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,9 +36,12 @@ from ..processing import resolve_processor_config
 from . import cache as cache_mod
 from .cache import REPORT, CacheError, ShardWriter, committed_shards, journal_name, load_index
 from .codec import ErrorStats, check_dtype
-from .distributed import Group, exchange_digests, owners, share
-from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
+from ..distributed import Ranks
+from .distributed import exchange_digests, owners, share
+from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
+from ..errors import UserError, one_line
+from ..files import output_error, writing
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
 PREPROCESSING_KEYS = (
@@ -52,7 +56,7 @@ PREPROCESSING_KEYS = (
 )
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
     """A problem the user can fix; the message is one line."""
 
 
@@ -109,7 +113,7 @@ def load_vision(model) -> Tuple[VisionTower, dict, str, str]:
             model, _ = load(name, lazy=True)  # lazy: the language model is never read
         except Exception as e:  # loader errors come in many types; one line for the user
             raise EmbedError(
-                f"cannot load model {name} ({' '.join(str(e).split()) or type(e).__name__})"
+                f"cannot load model {name} ({one_line(e)})"
             ) from None
     else:
         name = type(model).__name__
@@ -162,6 +166,21 @@ def make_settings(tower: VisionTower, processor_config: dict, family: str, dtype
 
 # ------------------------------------------------------------------ steps
 @contextmanager
+def _no_empty_cache_left(root: Path, fresh: bool):
+    """A run that created the cache (under its lock) and stops before committing any
+    image removes it again."""
+    try:
+        yield
+    except BaseException:
+        try:
+            if fresh and root.is_dir() and not committed_shards(root):
+                shutil.rmtree(root, ignore_errors=True)
+        except (CacheError, OSError, ValueError):
+            pass
+        raise
+
+
+@contextmanager
 def locked(root: Path, enabled: bool):
     """Hold an exclusive lock on ``root/.lock`` (one writer per cache folder)."""
     if not enabled:
@@ -172,8 +191,10 @@ def locked(root: Path, enabled: bool):
     except ImportError:  # no POSIX locks: run unguarded
         yield
         return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -181,7 +202,7 @@ def locked(root: Path, enabled: bool):
         yield
 
 
-def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> List[dict]:
+def open_cache(root: Path, settings: dict, model_name: str, group: Ranks) -> List[dict]:
     """Rank 0 creates/checks the index and cleans up; every rank gets the shard records."""
     problem = None
     if group.rank == 0:
@@ -191,8 +212,10 @@ def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> Lis
             cache_mod.remove_orphans(root, committed_shards(root))
             for stale in root.glob("report.rank*.json"):  # from an interrupted distributed run
                 stale.unlink()
-        except (CacheError, OSError) as e:
+        except CacheError as e:
             problem = str(e)
+        except OSError as e:
+            problem = str(output_error(root, e))
     if not group.agree(problem is None):
         raise EmbedError(problem or "rank 0 could not open the output folder")
     return committed_shards(root)
@@ -220,7 +243,7 @@ def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
         return None, f"{path}: cannot read file ({e.strerror or e})"
 
 
-def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool):
+def hash_all(paths: Sequence[Path], group: Ranks, workers: int, progress: bool):
     """(key or None per path, [(path, error)] of this rank's unreadable files)."""
     mine = [paths[i] for i in share(len(paths), group.rank, group.size)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -252,6 +275,7 @@ def encode_items(
     strict: bool,
     progress: bool,
     desc: str,
+    after_batch: Optional[Callable[[], None]] = None,
 ) -> Tuple[int, List[Tuple[str, str]], float]:
     """Run the pipeline over ``items``; (images encoded, failures, seconds the tower worked)."""
     failures: List[Tuple[str, str]] = []
@@ -265,7 +289,7 @@ def encode_items(
         if bar is not None:
             bar.update(1)
 
-    encoder = Encoder(tower, dtype, emit)
+    encoder = BatchEncoder(tower, dtype, emit, after_batch)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
     stop = None
     try:
@@ -318,7 +342,7 @@ class Plan:
         )
 
 
-def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progress: bool) -> Plan:
+def plan_work(paths, done: set, group: Ranks, workers: int, strict: bool, progress: bool) -> Plan:
     """Hash every image (split over ranks), drop duplicates and cached ones, take my share."""
     keys, failures = hash_all(paths, group, workers, progress and group.rank == 0)
     if strict and failures:
@@ -335,7 +359,13 @@ def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progre
 
 
 def make_writer(
-    root: Path, group: Group, settings: dict, model_name: str, dtype: str, shard_size_mb: float
+    root: Path,
+    group: Ranks,
+    settings: dict,
+    model_name: str,
+    dtype: str,
+    shard_size_mb: float,
+    midway: Optional[Callable[[], None]] = None,
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
     if group.size == 1:
@@ -349,7 +379,7 @@ def make_writer(
         dtype,
         rank=group.rank,
         shard_bytes=int(shard_size_mb * 1e6),
-        midway=_midway_hook(),
+        midway=midway,
     )
 
 
@@ -384,16 +414,20 @@ def embed(
     strict: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    after_batch: Optional[Callable[[], None]] = None,
+    midway: Optional[Callable[[], None]] = None,
 ) -> Summary:
     """Encode every image of ``images`` into the cache at ``out`` (see the module doc).
 
     ``model``: a converted model folder / repo id, or a loaded ``Model``. ``workers``:
-    decoding threads (default: the cores, at most 8).
+    decoding threads (default: the cores, at most 8). ``after_batch`` runs after each
+    encoded batch and ``midway`` in the middle of each shard write (tests pause there
+    to interrupt a run at a chosen moment).
     """
     t0 = time.perf_counter()
     _check_options(dtype, batch_size, shard_size_mb)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    group = Group.init()
+    group = Ranks()
     paths = _list(images, image_root)
     tower, pcfg, family, model_name = load_vision(model)
     tower = compute_tower(tower)
@@ -405,12 +439,13 @@ def embed(
         except CacheError as e:
             raise EmbedError(str(e)) from None
     t_work = time.perf_counter()
-    with locked(root, group.rank == 0):
+    fresh = group.rank == 0 and not root.exists()
+    with locked(root, group.rank == 0), _no_empty_cache_left(root, fresh):
         records = open_cache(root, settings, model_name, group)
         plan = plan_work(paths, cached_keys(root, records), group, workers, strict, progress)
         if group.rank == 0:
             log(plan.describe(images, group.size))
-        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb)
+        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb, midway)
         desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
         encoded, bad, busy = encode_items(
             plan.todo,
@@ -423,6 +458,7 @@ def embed(
             strict=strict,
             progress=progress and group.rank == 0,
             desc=desc,
+            after_batch=after_batch,
         )
         summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype)
         summary.work_seconds = time.perf_counter() - t_work
@@ -434,7 +470,7 @@ def embed(
     return summary
 
 
-def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
+def _finish(root: Path, group: Ranks, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
     """Counts over every rank; on rank 0, the merged index and the cache totals."""
     _write_rank_report(root, group, failures)
     counts = group.all_sum([encoded, len(failures)])  # also: every rank has committed
@@ -456,19 +492,12 @@ def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype:
     return summary
 
 
-def _midway_hook():
-    from .pipeline import test_delay
-
-    delay = test_delay()
-    return (lambda: time.sleep(delay)) if delay else None
-
-
-def _write_rank_report(root: Path, group: Group, failures) -> None:
+def _write_rank_report(root: Path, group: Ranks, failures) -> None:
     if group.size > 1:
         cache_mod.write_json(root / f"report.rank{group.rank}.json", {"failures": failures})
 
 
-def _gather_failures(root: Path, group: Group, mine) -> List[Tuple[str, str]]:
+def _gather_failures(root: Path, group: Ranks, mine) -> List[Tuple[str, str]]:
     if group.size == 1:
         return list(mine)
     out = []

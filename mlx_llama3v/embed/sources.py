@@ -22,11 +22,12 @@ import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, List
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The image source cannot be read; the message is one line for the user."""
 
 

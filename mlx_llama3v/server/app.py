@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional
 
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE
 
-from ..generate import ContextError
+from ..generation.generate import ContextError
 from ..processing import ImageError, PromptError
 from .engine import DEFAULT_MAX_BATCH, Engine, Job
 from .images import ImageLimits, fetch_image

@@ -15,18 +15,21 @@ from typing import Annotated, Optional
 import typer
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE
 
+from ..cli import command, new_app, run_app
+from ..errors import UserError
 from ..generation import cli
 from .engine import DEFAULT_MAX_BATCH
 from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 
 API_KEY_ENV = "MLX_LLAMA3V_API_KEY"
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = new_app()
 
 
-@app.command(
+@command(
+    app,
     help="Serve a Llama 3-V style model over an OpenAI-compatible HTTP API "
-    "(POST /v1/chat/completions, GET /v1/models, GET /health) with a chat page at /."
+    "(POST /v1/chat/completions, GET /v1/models, GET /health) with a chat page at /.",
 )
 def run(
     model: cli.Model = "mustafaaljadery/llama3v",
@@ -83,7 +86,9 @@ def run(
         Optional[int],
         typer.Option("--feature-cache-bytes", help="Image features kept by content, in bytes."),
     ] = None,
-    prefill_step_size: cli.PrefillStepSize = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_step_size: Annotated[
+        int, typer.Option("--prefill-step-size", help="Prompt tokens per prefill step.")
+    ] = DEFAULT_PREFILL_STEP_SIZE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ) -> None:
     checks = {
@@ -99,7 +104,7 @@ def run(
     }
     for name, ok in checks.items():
         if not ok:
-            cli.fail(f"{name} is out of range")
+            raise UserError(f"{name} is out of range")
     from .app import Server, model_aliases
     from .images import ImageLimits
 
@@ -129,7 +134,7 @@ def run(
             log_requests=verbose,
         )
     except OSError as e:
-        cli.fail(f"cannot listen on {host}:{port} ({e.strerror or e})")
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     print(
         f"mlx_llama3v.server: serving {server.model_id!r} on {server.url} "
         f"(chat page: {server.url}/)",
@@ -145,7 +150,7 @@ def run(
 
 
 def main() -> None:
-    app(prog_name="mlx_llama3v.server")
+    run_app(app, "mlx_llama3v.server")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from ..generate import _fit_context, _prompt_embeddings
+from ..generation.generate import _fit_context, _prompt_embeddings
 from ..generation.features import tile_key
 from ..generation.prompt_cache import token_keys
 from ..generation.text import StopStrings, text_tokenizer

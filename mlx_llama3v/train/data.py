@@ -41,7 +41,8 @@ import numpy as np
 
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
-from ..processing.processor import resolve_processor_config
+from ..processing import resolve_processor_config
+from ..errors import UserError, one_line
 
 ROLE_ALIASES = {
     "human": "user",
@@ -53,7 +54,7 @@ ROLE_ALIASES = {
 IMAGE_MARKER = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record under ``strict``: the message is one line, ``file:line: reason``."""
 
 
@@ -157,7 +158,7 @@ def read_records(path) -> Iterator[Record]:
         try:
             yield Record(json.loads(line), path, n)
         except ValueError as e:
-            yield Record(None, path, n, f"malformed JSON ({_first_line(e)})")
+            yield Record(None, path, n, f"malformed JSON ({one_line(e)})")
 
 
 def _array_records(text: str, path: Path) -> Iterator[Record]:
@@ -171,7 +172,7 @@ def _array_records(text: str, path: Path) -> Iterator[Record]:
         try:
             value, pos = decoder.raw_decode(text, pos)
         except ValueError as e:
-            yield Record(None, path, line, f"malformed JSON ({_first_line(e)}); rest of file unread")
+            yield Record(None, path, line, f"malformed JSON ({one_line(e)}); rest of file unread")
             return
         yield Record(value, path, line)
         pos = _skip_space(text, pos)
@@ -297,7 +298,7 @@ def _image_path(src: Any, root: Path) -> str:
 
 # ------------------------------------------------------------------ tokenizing
 @dataclass
-class Encoder:
+class SampleEncoder:
     """Turns messages into a ``Sample`` for one model: template, masks, checks.
 
     ``projector_config`` and the processor's patch size give the feature rows each
@@ -492,7 +493,7 @@ def _unwrap(messages):
 # ------------------------------------------------------------------ datasets
 def load_samples(
     paths: Sequence,
-    encoder: Encoder,
+    encoder: SampleEncoder,
     image_root: Optional[Path] = None,
     strict: bool = False,
     keep: Callable[[int], bool] = lambda i: True,
@@ -532,14 +533,14 @@ def load_samples(
     return samples, report
 
 
-def _encode_record(record: Record, encoder: Encoder, root: Path):
+def _encode_record(record: Record, encoder: SampleEncoder, root: Path):
     if record.error:
         raise BadSample(record.error)
     messages = to_messages(record.data, root)
     try:
         return encoder.encode(messages, record.where)
     except (PromptError, ImageError) as e:
-        raise BadSample(_first_line(e)) from None
+        raise BadSample(one_line(e)) from None
 
 
 def _kind(reason: str) -> str:
@@ -574,7 +575,3 @@ def _unit_hash(seed: int, index: int) -> float:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
-
-
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -44,13 +44,7 @@ class VisionFeatures:
 
 def project(model, groups: Groups, n_tiles: int) -> Optional[List[mx.array]]:
     """Projected rows of every tile, in tile order (differentiable w.r.t. the projector)."""
-    if not groups:
-        return None
-    out: List[Optional[mx.array]] = [None] * n_tiles
-    for idx, batch, feats in groups:
-        for i, rows in zip(idx, model.project(feats, batch)):
-            out[i] = rows
-    return out
+    return model.project_groups(groups, n_tiles) if groups else None
 
 
 def tile_patch_counts(cache) -> Callable[[str], List[int]]:
@@ -60,7 +54,7 @@ def tile_patch_counts(cache) -> Callable[[str], List[int]]:
         try:
             item = cache[src]
         except KeyError as e:
-            raise BadSample(f"{src}: not in the feature cache ({e.args[0] if e.args else e})")
+            raise BadSample(f"{src}: not in the feature cache ({e.args[0] if e.args else e})") from None
         return [int(t.shape[0]) for t in item.tiles]
 
     return counts
