@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "embed": "mlx_llama3v.embed.cli",
     "train": "mlx_llama3v.train.cli",
     "fuse": "mlx_llama3v.fuse",
+    "server": "mlx_llama3v.server.cli",
 }
 
 
