@@ -7,7 +7,8 @@ once (the first occurrence wins):
 - a ``.json`` file: a LLaVA-style list of records (or ``{"data": [...]}``) whose
   ``image`` field is a path, a list of paths, or MiniCPM-V's ``{"<image_00>": path}``;
   records without one are text-only; read streamed (``train.readers``);
-- a ``.jsonl`` file: one such record per line;
+- a ``.jsonl`` file: one such record per line; chat-format records (``messages`` with
+  image parts) give the images training reads from them;
 - a saved Hugging Face dataset folder or a ``.parquet`` file whose ``image`` (or
   ``images``) column holds paths or the images themselves (``datasets.Image`` /
   ``{"bytes", "path"}``): those become ``DatasetImage`` items, read from the
@@ -204,6 +205,8 @@ def _streamed_images(path: Path) -> Iterator[str]:
 def _record_images(rec, path: Path, where: str) -> List[str]:
     if not isinstance(rec, dict):
         raise SourceError(f"{path}: {where} is not an object")
+    if "messages" in rec:
+        return _chat_images(rec)
     image = rec.get("image", rec.get("images"))
     if image is None:
         return []
@@ -218,14 +221,25 @@ def _record_images(rec, path: Path, where: str) -> List[str]:
     return images
 
 
+def _chat_images(rec: dict) -> List[str]:
+    """The images of a chat-format record, found as training finds them (a record training
+    would skip lists none; training reports it)."""
+    from ..train.data import BadSample, to_messages
+
+    try:
+        messages = to_messages(rec, Path(""))
+    except BadSample:
+        return []
+    parts = (p for m in messages if isinstance(m["content"], list) for p in m["content"])
+    return [p["image"] for p in parts if p["type"] == "image" and isinstance(p["image"], str)]
+
+
 def describe(src) -> str:
     """How ``src`` will be read, for the log line."""
     src = Path(src)
     if src.is_dir():
-        return f"folder {src}"
-    if src.is_dir() and _is_saved_dataset(src):
-        return f"dataset {src}"
-    kind = {".json": "LLaVA JSON", ".jsonl": "LLaVA JSONL", ".parquet": "parquet"}.get(
+        return f"dataset {src}" if _is_saved_dataset(src) else f"folder {src}"
+    kind = {".json": "JSON records", ".jsonl": "JSONL records", ".parquet": "parquet"}.get(
         src.suffix.lower(), "path list"
     )
     return f"{kind} {src}"

@@ -1,0 +1,54 @@
+"""Paths a user takes through the merged commands, found by trying them as the README says."""
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from mlx_llama3v.embed.sources import list_images
+
+
+def _images(folder: Path, n: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.png"
+        Image.new("RGB", (8 + i, 8), (i * 40, 0, 0)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_embed_lists_the_images_of_chat_format_records(tmp_path):
+    # the README's training formats include chat JSONL; embed must find its images
+    # (it listed none, so training from that cache skipped every sample)
+    imgs = _images(tmp_path / "img", 3)
+    data = tmp_path / "chat.jsonl"
+    records = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "img/0.png"}},
+                        {"type": "text", "text": "What is it?"},
+                    ],
+                },
+                {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": [{"type": "image", "image": str(imgs[2])}]},
+                {"role": "assistant", "content": "Another."},
+            ]
+        },
+        {
+            "images": ["img/1.png"],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello."},
+            ],
+        },
+        {"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert list_images(data) == [imgs[0], imgs[2], imgs[1]]
+    array = tmp_path / "chat.json"
+    array.write_text(json.dumps(records))
+    assert list_images(array) == [imgs[0], imgs[2], imgs[1]]
