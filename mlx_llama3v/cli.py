@@ -36,6 +36,10 @@ SUBCOMMANDS = {
 }
 
 
+# click's base of usage errors, from typer's own click (vendored since typer 0.23) or the package
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def fail(message, code: int = 2) -> NoReturn:
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
@@ -65,12 +69,23 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     """Run a command's app as its ``main()``."""
     # SIGTERM unwinds like Ctrl-C: finally blocks remove temporary files and folders
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if sys.argv[0].startswith("mlx_llama3v "):  # run as ``mlx_llama3v SUBCOMMAND`` (main below)
+        prog_name = sys.argv[0]
     try:
-        app(prog_name=prog_name)
+        # not standalone: a usage error reaches us, to be one line instead of typer's box
+        code = app(prog_name=prog_name, standalone_mode=False)
+    except _UsageError as e:
+        typer.echo(f"error: {one_line(e.format_message())} (see {prog_name} --help)", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
     except OSError as e:
         if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF):
             raise
         _stdout_failed(e)
+    # a typer.Exit(code) comes back as its code; a command that finished returns None
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 def _stdout_failed(e: OSError) -> NoReturn:

@@ -1,8 +1,11 @@
 """Paths a user takes through the merged commands, found by trying them as the README says."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from mlx_llama3v.embed.sources import list_images
@@ -52,3 +55,33 @@ def test_embed_lists_the_images_of_chat_format_records(tmp_path):
     array = tmp_path / "chat.json"
     array.write_text(json.dumps(records))
     assert list_images(array) == [imgs[0], imgs[2], imgs[1]]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["mlx_llama3v.generate", "--tmep", "1"], "No such option: --tmep"),
+        (["mlx_llama3v.generate", "--max-tokens", "abc"], "'--max-tokens'"),
+        (["mlx_llama3v.train", "--stage", "bogus"], "'bogus' is not one of"),
+        (["mlx_llama3v.convert", "--dtype"], "--dtype"),
+        (["mlx_llama3v", "embed", "--batch-size", "x"], "'--batch-size'"),
+    ],
+)
+def test_a_bad_command_line_is_one_error_line(args, fragment):
+    # typer's usage errors came as a framed, wrapped box of six lines
+    proc = _run(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert fragment in lines[0] and "--help" in lines[0], lines[0]
+
+
+def test_help_through_the_entry_point_names_the_command_as_typed():
+    proc = _run("mlx_llama3v", "fuse", "--help")
+    assert proc.returncode == 0 and "Usage: mlx_llama3v fuse [OPTIONS]" in proc.stdout, proc.stdout
+    proc = _run("mlx_llama3v", "fuse", "--nope")
+    assert proc.returncode == 2 and "see mlx_llama3v fuse --help" in proc.stderr, proc.stderr
