@@ -48,7 +48,12 @@ def test_embed_lists_the_images_of_chat_format_records(tmp_path):
                 {"role": "assistant", "content": "Hello."},
             ],
         },
-        {"messages": [{"role": "user", "content": "text only"}, {"role": "assistant", "content": "ok"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "text only"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert list_images(data) == [imgs[0], imgs[2], imgs[1]]
@@ -58,7 +63,9 @@ def test_embed_lists_the_images_of_chat_format_records(tmp_path):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
