@@ -92,3 +92,15 @@ def test_help_through_the_entry_point_names_the_command_as_typed():
     assert proc.returncode == 0 and "Usage: mlx_llama3v fuse [OPTIONS]" in proc.stdout, proc.stdout
     proc = _run("mlx_llama3v", "fuse", "--nope")
     assert proc.returncode == 2 and "see mlx_llama3v fuse --help" in proc.stderr, proc.stderr
+
+
+def test_generate_refuses_both_prompt_and_prompt_file(tmp_path):
+    # the file won and --prompt was dropped without a word
+    question = tmp_path / "q.txt"
+    question.write_text("What colour?")
+    proc = _run(
+        "mlx_llama3v.generate", "--model", str(tmp_path / "none"), "--prompt", "Hi",
+        "--prompt-file", str(question),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: give --prompt or --prompt-file, not both"

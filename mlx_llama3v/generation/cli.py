@@ -52,10 +52,12 @@ def check_images(paths) -> None:
         load_image(path)
 
 
-def read_prompt(prompt: str, prompt_file: Optional[Path]) -> str:
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path], default: str) -> str:
     """The ``--prompt``, or the text of ``--prompt-file`` (``-``: standard input)."""
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
     if prompt_file is None:
-        return prompt
+        return default if prompt is None else prompt
     if str(prompt_file) == "-":
         return sys.stdin.read()
     try:

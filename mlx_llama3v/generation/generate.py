@@ -319,7 +319,10 @@ app = new_app()
 def run(
     model: cli.Model = DEFAULT_MODEL,
     image: cli.Images = None,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")] = DEFAULT_PROMPT,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", help=f"The question (default: {DEFAULT_PROMPT!r})."),
+    ] = None,
     prompt_file: Annotated[
         Optional[Path],
         typer.Option("--prompt-file", help="Read the question from this file ('-': standard input)."),
@@ -329,7 +332,7 @@ def run(
     verbose: cli.Verbose = False,
     options: GenerationOptions = None,
 ) -> None:
-    question = cli.read_prompt(prompt, prompt_file)
+    question = cli.read_prompt(prompt, prompt_file, DEFAULT_PROMPT)
     cli.check_images(image)
     loaded, processor = cli.load_model(model, adapter_path)
     images = [str(p) for p in image or []]
