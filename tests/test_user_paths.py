@@ -104,3 +104,17 @@ def test_generate_refuses_both_prompt_and_prompt_file(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: give --prompt or --prompt-file, not both"
+
+
+def test_lora_keys_that_match_nothing_are_one_error(tiny_setup, tmp_path):
+    # training started with nothing trainable and died in mx.value_and_grad with a traceback
+    out = tmp_path / "run"
+    proc = _run(
+        "mlx_llama3v.train", "--model", str(tiny_setup.model), "--data", str(tiny_setup.data),
+        "--out", str(out), "--iters", "1", "--lora-keys", "self_attn.bogus_proj",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: nothing to train: --lora-keys"), proc.stderr
+    assert "self_attn.bogus_proj" in lines[-1] and "self_attn.q_proj" in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr and not out.exists()

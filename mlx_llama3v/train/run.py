@@ -63,6 +63,18 @@ class TrainResult:
     out: Path
 
 
+def _nothing_to_train(model, tune: TuneConfig) -> str:
+    keys = tune.lora_parameters.get("keys")
+    if keys and tune.fine_tune_type != "full":
+        block = model.language_model.layers[0]
+        linears = sorted(k for k, m in block.named_modules() if "Linear" in type(m).__name__)
+        return (
+            f"nothing to train: --lora-keys {','.join(keys)} match no layer of the language "
+            f"model's blocks; its projections are {', '.join(linears)}"
+        )
+    return "nothing to train with these options (check --stage, --fine-tune-type and --num-layers)"
+
+
 def train(
     config: TrainConfig,
     log: Callable[[str], None] = None,
@@ -76,6 +88,8 @@ def train(
     model, processor = load(config.model)
     prepare_model(model, config.tune)
     counts = parameter_counts(model)
+    if not counts["trainable"]:
+        raise TrainError(_nothing_to_train(model, config.tune))
     cache = _feature_cache(config.features, model, config.model)
     encoder = SampleEncoder(
         processor.tokenizer,
