@@ -139,7 +139,14 @@ def _adapter_problem(e: BaseException) -> str:
         return f"adapter_config.json lacks {lines[0] if lines else e!r}"
     if len(lines) > 1 and lines[0].endswith(":"):  # "... incompatible tensors:" + one per line
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        return lines[1] + more
+        first = lines[1].rstrip(",.") + more
+        # mlx's load_weights lists names under "Received N parameters not in model:" or
+        # "Missing N parameters:", which say what is wrong with them; mlx-lm's header does not
+        unexpected = re.match(r"Received (\d+) parameters not in model:$", lines[0])
+        missing = re.match(r"Missing (\d+) parameters:$", lines[0])
+        if unexpected:
+            return f"{unexpected[1]} parameters not in the model: {first}"
+        return f"{missing[1]} parameters missing: {first}" if missing else first
     return " ".join(lines) or type(e).__name__
 
 

@@ -118,3 +118,21 @@ def test_lora_keys_that_match_nothing_are_one_error(tiny_setup, tmp_path):
     assert lines[-1].startswith("error: nothing to train: --lora-keys"), proc.stderr
     assert "self_attn.bogus_proj" in lines[-1] and "self_attn.q_proj" in lines[-1], lines[-1]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_projector_that_does_not_fit_says_how(tmp_path):
+    # the message read "... projector: layers.0.layer_norm1.bias, (and 35 more)": mlx's list
+    # punctuation kept, and nothing said whether the names were missing or unexpected
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_llama3v.loading import _adapter_problem
+
+    layer = nn.Linear(2, 2)
+    extra = [("a.w", mx.zeros(1)), ("b.w", mx.zeros(1)), ("c.w", mx.zeros(1))]
+    with pytest.raises(ValueError) as e:
+        layer.load_weights(extra + list(layer.parameters().items()))
+    assert _adapter_problem(e.value) == "3 parameters not in the model: a.w (and 2 more)"
+    with pytest.raises(ValueError) as e:
+        layer.load_weights([("weight", mx.zeros((2, 2)))])
+    assert _adapter_problem(e.value) == "1 parameters missing: bias"
