@@ -136,3 +136,19 @@ def test_a_projector_that_does_not_fit_says_how(tmp_path):
     with pytest.raises(ValueError) as e:
         layer.load_weights([("weight", mx.zeros((2, 2)))])
     assert _adapter_problem(e.value) == "1 parameters missing: bias"
+
+
+def test_embed_of_a_source_without_images_is_an_error(tmp_path):
+    # it made an empty cache and exited 0, and training then skipped every sample
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}]}) + "\n")
+    (tmp_path / "empty").mkdir()
+    for source in (data, tmp_path / "empty"):
+        out = tmp_path / "features"
+        proc = _run(
+            "mlx_llama3v.embed", "--model", str(tmp_path / "none"), "--images", str(source),
+            "--out", str(out),
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == f"error: {source}: no images in it (nothing to embed)"
+        assert not out.exists()

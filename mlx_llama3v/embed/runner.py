@@ -462,9 +462,12 @@ def _check_options(dtype: str, batch_size: int, shard_size_mb: float) -> None:
 
 def _list(images, image_root) -> List[Path]:
     try:
-        return list_images(images, image_root)
+        paths = list_images(images, image_root)
     except SourceError as e:
         raise EmbedError(str(e)) from None
+    if not paths:  # an empty cache would only make training skip every sample
+        raise EmbedError(f"{images}: no images in it (nothing to embed)")
+    return paths
 
 
 def embed(
