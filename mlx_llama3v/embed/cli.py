@@ -39,8 +39,8 @@ def run(
         None,
         "--images",
         "-i",
-        help="A folder (recursive), a text file of paths, a LLaVA / MiniCPM-V .json/.jsonl, "
-        "a saved datasets folder or a .parquet file.",
+        help="A folder (recursive), a text file of paths, a LLaVA / MiniCPM-V / chat-format "
+        ".json/.jsonl, a saved datasets folder or a .parquet file.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Cache folder (created or resumed)."
