@@ -55,7 +55,23 @@ def load(
     model, processor = load_converted(converted_folder(path_or_repo), lazy=lazy, verify=verify)
     if adapter_path is not None:
         apply_adapter_folder(model, adapter_path)
+    _evaluate_held_arrays(model, lazy)
     return model, processor
+
+
+def _evaluate_held_arrays(model: Model, lazy: bool) -> None:
+    """Evaluate, in the loading thread, the arrays the model's modules hold: a lazy array is
+    bound to the stream of the thread that made it, and MLX refuses to evaluate it in
+    another (the server's engine thread). Private ones (RoPE's precomputed frequencies under
+    Llama 3.1 rope scaling) always; the weights too, adapters included, unless ``lazy``."""
+    mx.eval(
+        [
+            value
+            for module in model.modules()
+            for key, value in module.items()
+            if isinstance(value, mx.array) and (not lazy or key.startswith("_"))
+        ]
+    )
 
 
 ADAPTER_CONFIG = "adapter_config.json"

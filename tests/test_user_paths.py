@@ -152,3 +152,36 @@ def test_embed_of_a_source_without_images_is_an_error(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip() == f"error: {source}: no images in it (nothing to embed)"
         assert not out.exists()
+
+
+def test_a_loaded_model_answers_from_another_thread(tmp_path):
+    # the server's engine thread failed every request of a Llama 3.1 (rope-scaled) model with
+    # "There is no Stream(cpu, 0) in current thread": RoPE's frequencies were left lazy at load
+    import threading
+
+    from hf_checkpoints import make_composed
+
+    from mlx_llama3v import generate, load
+    from mlx_llama3v.convert import convert
+
+    parts = make_composed(tmp_path / "hf")  # Llama 3.1 rope scaling
+    folder = convert(
+        vision=str(parts.extra["vision"]), llm=str(parts.extra["llm"]), mlx_path=tmp_path / "mlx",
+        dtype="float32",
+    )  # fmt: skip
+    model, processor = load(folder)
+    image = _images(tmp_path / "img", 1)[0]
+    expected = generate(model, processor, "hi", images=[str(image)], max_tokens=3).text
+    model, processor = load(folder)  # fresh: nothing evaluated yet by the main thread
+    result, errors = [], []
+
+    def answer():
+        try:
+            result.append(generate(model, processor, "hi", images=[str(image)], max_tokens=3).text)
+        except Exception as e:  # reported below with the test's assertion
+            errors.append(e)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    thread.join(60)
+    assert not errors and result == [expected], errors
