@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import typer
 
+from . import cpu
 from .generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
@@ -229,6 +230,7 @@ def error(message) -> None:
 
 
 def main() -> None:
+    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
     app(prog_name="mlx_llama3v.chat")
 
 

@@ -45,6 +45,7 @@ from mlx_lm.generate import GenerationResponse as LMResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import cpu
 from .generation import cli
 from .generation.features import image_features, tile_key
 from .generation.prompt_cache import PromptCache, token_keys
@@ -377,9 +378,11 @@ def run(
     print(flush=True)
     if verbose and last is not None:
         typer.echo(format_stats(last), err=True)
+        typer.echo(cpu.describe(), err=True)
 
 
 def main() -> None:
+    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
     app(prog_name="mlx_llama3v.generate")
 
 

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from .. import cpu
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -138,6 +140,7 @@ def _verify(out: Path) -> None:
 
 
 def main() -> None:
+    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
     # SIGTERM unwinds like Ctrl-C, so finished images are committed before exiting
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     app(prog_name="mlx_llama3v.embed")

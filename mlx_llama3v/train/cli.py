@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from .. import cpu
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -142,6 +144,7 @@ def run(
 
 
 def main() -> None:
+    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
     app(prog_name="mlx_llama3v.train")
 
 
