@@ -146,3 +146,46 @@ def test_numpy_kernels_fall_back_to_mlx_on_buffers_they_cannot_write(layout):
     np.testing.assert_allclose(cpu.softmax_(x), mx.softmax(x, axis=-1), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(cpu.gelu_tanh_(x), nn.gelu_approx(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(base), kept)  # the source is untouched
+
+
+def test_none_of_it_loads_on_macos_or_with_mlx_cuda(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert cpu._wanted().startswith("not Linux")
+    monkeypatch.setattr(sys, "platform", "linux")
+    real = cpu.importlib.metadata.version
+    fake = lambda name: "0.32.4" if name == "mlx-cuda-12" else real(name)
+    monkeypatch.setattr(cpu.importlib.metadata, "version", fake)
+    assert cpu._wanted() == "MLX's CUDA backend is installed (mlx-cuda-12)"
+    monkeypatch.setattr(cpu, "on_cpu", lambda: False)  # e.g. a GPU device
+    assert not cpu._kernels_wanted() and "not on a CPU device" in cpu.describe()
+
+
+@linux_only
+def test_nothing_is_built_or_written_at_import(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    code = "import mlx_llama3v, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(mlx_llama3v.cpu.blas_calls()['sgemm'])"
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=dict(env, HOME=str(home), CC="/nonexistent-cc"),
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "1"
+    assert list(home.iterdir()) == []
+
+
+@linux_only
+def test_the_generate_command_switches_it_on_and_says_so_with_verbose():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shapes = os.path.join(root, "examples", "shapes")
+    cmd = [
+        sys.executable, "-m", "mlx_llama3v.generate", "--model", os.path.join(shapes, "model"),
+        "--image", os.path.join(shapes, "samples", "1.png"), "--prompt", "What colour is the triangle?",
+        "--max-tokens", "3", "--verbose",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "BLAS: scipy-openblas32 via mlx_llama3v's forwarder, one-row products to sgemv; "
+        "tower: numpy softmax/GELU over" in out.stderr
+    )
