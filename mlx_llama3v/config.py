@@ -16,25 +16,115 @@ from mlx_lm.models.llama import ModelArgs as TextConfig
 
 FAMILIES = ("minicpm_v2_5", "siglip_llama3", "bunny")
 PROJECTOR_KINDS = ("resampler", "attention", "mlp2x_gelu")
+NAVIT_COORDS = ("arange", "clamp")  # see models/vision.py
 
 
-def normalize_text_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A Llama ``config.json`` dict in the form mlx-lm's Llama reads.
+# Llama fields that change the arithmetic: taken from the source, from a family's
+# published values, or an error; never from a generic default.
+ARITHMETIC_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "vocab_size",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+# rope scaling types mlx-lm's Llama implements, with the fields each one needs
+ROPE_SCALING_FIELDS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
-    transformers >= 5 writes ``rope_parameters`` (with ``rope_theta`` inside) where
-    older checkpoints have ``rope_theta`` and ``rope_scaling``; accept both.
+
+def normalize_text_config(
+    config: Dict[str, Any],
+    *,
+    derived: Optional[Dict[str, Any]] = None,
+    published: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """A Llama ``config.json`` dict in the one form mlx-lm's Llama reads.
+
+    Reads every schema transformers has written: top-level ``rope_theta`` with
+    ``rope_scaling`` (keyed ``type`` or ``rope_type``; null for none), and
+    transformers >= 5's ``rope_parameters`` (``rope_theta``, ``rope_type`` and, for
+    ``llama3``, its scaling fields). The result has a top-level ``rope_theta`` and a
+    ``rope_scaling`` keyed ``rope_type`` (absent for plain rope). Two schemas in one
+    file that disagree are an error.
+
+    Each of ``ARITHMETIC_FIELDS`` the source lacks comes from ``derived`` (what the
+    source's tensors say), then ``published`` (the family's published values), or
+    it is a ``ValueError`` naming the fields. The result is a fixed point: normalising
+    it again changes nothing.
     """
-    config = dict(config)
-    config.setdefault("model_type", "llama")
-    rope = config.pop("rope_parameters", None)
-    if rope:
-        rope = dict(rope)
-        config.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            config.setdefault("rope_scaling", rope)
-    if config.get("rope_scaling") is None:
-        config.pop("rope_scaling", None)
-    return config
+    out = dict(config)
+    out.setdefault("model_type", "llama")
+    theta, scaling = _rope_settings(out)
+    if theta is not None:
+        out["rope_theta"] = float(theta)
+    if scaling is not None:
+        out["rope_scaling"] = scaling
+    for source in (derived or {}, published or {}):
+        for k in ARITHMETIC_FIELDS:
+            if out.get(k) is None and source.get(k) is not None:
+                out[k] = source[k]
+    missing = [k for k in ARITHMETIC_FIELDS if out.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"no {', '.join(missing)} given (a value that changes the result is never "
+            "guessed; add it to config.json)"
+        )
+    act = out.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"the language model uses hidden_act {act!r}; Llama uses 'silu'")
+    return out
+
+
+def _rope_settings(config: Dict[str, Any]):
+    """(rope_theta or None, rope_scaling or None), popped from ``config``, both schemas."""
+    thetas, scalings = [], []
+    if config.get("rope_theta") is not None:
+        thetas.append(("rope_theta", config["rope_theta"]))
+    config.pop("rope_theta", None)
+    for where in ("rope_scaling", "rope_parameters"):
+        given = config.pop(where, None)
+        if given is None:
+            continue
+        if not isinstance(given, dict) or any(isinstance(v, dict) for v in given.values()):
+            raise ValueError(f"{where}: expected one dict of rope settings, got {given!r}")
+        given = dict(given)
+        if given.get("rope_theta") is not None:
+            thetas.append((f"{where}' rope_theta", given["rope_theta"]))
+        given.pop("rope_theta", None)
+        scalings.append((where, _rope_scaling(given, where)))
+    if len({float(v) for _, v in thetas}) > 1:
+        raise ValueError(" and ".join(f"{k} {v}" for k, v in thetas) + " disagree")
+    given = [v for _, v in scalings if v is not None]
+    if len(scalings) > 1 and any(v != scalings[0][1] for _, v in scalings):
+        raise ValueError("rope_scaling and rope_parameters give different rope scaling")
+    return (thetas[0][1] if thetas else None), (given[0] if given else None)
+
+
+def _rope_scaling(scaling, where: str):
+    """A rope scaling dict keyed ``rope_type``, or None for plain rope."""
+    kinds = {scaling.pop(k) for k in ("type", "rope_type") if k in scaling}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: type and rope_type disagree ({' vs '.join(sorted(kinds))})")
+    kind = kinds.pop() if kinds else "default"
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_FIELDS:
+        raise ValueError(
+            f"{where}: rope type {kind!r} is not supported "
+            f"({', '.join(['default', *ROPE_SCALING_FIELDS])})"
+        )
+    lacking = [k for k in ROPE_SCALING_FIELDS[kind] if scaling.get(k) is None]
+    if lacking:
+        raise ValueError(f"{where}: {kind} rope scaling lacks {', '.join(lacking)}")
+    return {"rope_type": kind, **scaling}
 
 
 @dataclass
@@ -45,6 +135,9 @@ class VisionConfig(BaseModelArgs):
     position table indexed 0..N-1); "navit" is ``Idefics2VisionTransformer``
     (variable tile sizes, bucketized position ids). ``strip_positions`` reproduces
     MiniCPM-Llama3-V 2.5, which feeds every tile as a one-patch-high strip.
+    ``navit_coords`` is how NaViT fractional coordinates are computed: "arange"
+    (transformers 4.40, what MiniCPM-Llama3-V 2.5 was trained with) or "clamp"
+    (today's transformers); unset, "arange" for the strip layout, else "clamp".
 
     ``feature_layer`` None takes ``last_hidden_state`` (after ``post_layernorm``);
     an int k takes transformers' ``hidden_states[k]`` (before ``post_layernorm``,
@@ -62,11 +155,18 @@ class VisionConfig(BaseModelArgs):
     hidden_act: str = "gelu_pytorch_tanh"
     variant: str = "siglip"
     strip_positions: bool = False
+    navit_coords: Optional[str] = None
     feature_layer: Optional[int] = None
 
     def __post_init__(self):
         if self.variant not in ("siglip", "navit"):
             raise ValueError(f"unknown vision variant {self.variant!r} (siglip or navit)")
+        if self.navit_coords is None:
+            self.navit_coords = "arange" if self.strip_positions else "clamp"
+        if self.navit_coords not in NAVIT_COORDS:
+            raise ValueError(
+                f"unknown navit_coords {self.navit_coords!r} (one of {', '.join(NAVIT_COORDS)})"
+            )
         n = self.num_hidden_layers
         if self.feature_layer is not None and not -(n + 1) <= self.feature_layer <= n:
             raise ValueError(

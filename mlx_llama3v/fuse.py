@@ -47,8 +47,9 @@ def fuse(
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save_model
 
+    from .convert import ConvertError
     from .convert.common import check_target, copy_if_present, staging, write_config
-    from .loading import AdapterError, load, load_adapters, _local_or_download
+    from .loading import AdapterError, converted_folder, load, load_adapters
     from .train.tuning import load_projector
 
     adapters = Path(adapter_path).expanduser()
@@ -63,12 +64,15 @@ def fuse(
     except Exception as e:
         raise FuseError(str(e)) from None
     try:
-        net, processor = load(model)
+        # the converted folder (a checkpoint or hub id is converted into the cache): its
+        # tokenizer and config are the ones to copy, not the raw download's
+        source = converted_folder(model)
+        net, processor = load(source)
         if (adapters / "adapter_config.json").is_file():
             load_adapters(net, adapters)
         if (adapters / "projector.safetensors").is_file():
             load_projector(net, adapters / "projector.safetensors")
-    except (AdapterError, ValueError, FileNotFoundError) as e:
+    except (AdapterError, ConvertError, ValueError, FileNotFoundError) as e:
         raise FuseError(" ".join(str(e).split())) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
     if fused:
@@ -77,7 +81,6 @@ def fuse(
         dequantize_model(net)
         net.config.quantization = None
     mx.eval(net.parameters())
-    source = _local_or_download(str(model))
     extra = _extra_config(source)
     with staging(target, force) as tmp:
         save_model(tmp, net, donate_model=True)

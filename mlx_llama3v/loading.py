@@ -59,10 +59,7 @@ def load(
 
     ``adapter_path``: a fine-tuning run's adapters (see ``apply_adapter_folder``).
     """
-    path = _local_or_download(str(path_or_repo))
-    if not is_converted(path):
-        path = _convert_to_cache(str(path_or_repo), path)
-    model, processor = load_converted(path, lazy=lazy)
+    model, processor = load_converted(converted_folder(path_or_repo), lazy=lazy)
     if adapter_path is not None:
         apply_adapter_folder(model, adapter_path)
     return model, processor
@@ -146,6 +143,13 @@ def _adapter_problem(e: BaseException) -> str:
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
         return lines[1] + more
     return " ".join(lines) or type(e).__name__
+
+
+def converted_folder(path_or_repo) -> Path:
+    """The converted folder ``load`` reads: ``path_or_repo`` itself when it is one, else
+    the cache folder its Hugging Face checkpoint (local or downloaded) is converted into."""
+    path = _local_or_download(str(path_or_repo))
+    return path if is_converted(path) else _convert_to_cache(str(path_or_repo), path)
 
 
 def is_converted(path: Path) -> bool:

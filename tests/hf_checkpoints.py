@@ -15,6 +15,12 @@ reference (transformers' towers and Llama, and the reference resampler/projector
 - ``make_bunny(dir)``: Bunny-Llama-3-8B-V, tower stored without its last layer.
 - ``make_siglip(dir)`` + ``make_llama(dir)``: a full ``SiglipModel`` (with its text
   tower) and a Llama 3.1 (rope scaling) for composing.
+
+Every factory with a language model takes ``schema``: "4" writes its Llama fields as
+transformers 4.x did (top-level ``rope_theta`` and ``rope_scaling``), "5" as
+transformers >= 5 does (``rope_parameters`` holding ``rope_theta``, ``rope_type`` and
+the llama3 scaling fields; no top-level ``rope_theta``); and ``rope_scaling`` (None
+or a llama3 scaling dict such as ``ROPE_31``), which the PyTorch reference uses too.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from references import (
     hf_siglip,
     randomize,
     strip_nchw,
+    with_440_positions,
 )
 from tiny_tokenizer import (
     BASE_VOCAB,
@@ -141,9 +148,14 @@ def prefixed(module: torch.nn.Module, prefix: str) -> Dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in module.state_dict().items()}
 
 
-def llama_fields(text: dict, rope_scaling=None) -> dict:
-    """The Llama fields of a config.json as transformers 4.40 wrote them."""
-    return {
+SCHEMAS = ("4", "5")
+
+
+def llama_fields(text: dict, rope_scaling=None, schema: str = "4") -> dict:
+    """The Llama fields of a config.json as transformers 4.40 ("4") or 5.x ("5") writes them."""
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema {schema!r}")
+    fields = {
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": BOS,
@@ -166,26 +178,40 @@ def llama_fields(text: dict, rope_scaling=None) -> dict:
         "use_cache": True,
         "vocab_size": text["vocab_size"],
     }
+    if schema == "5":
+        del fields["rope_theta"], fields["rope_scaling"]
+        scaling = dict(rope_scaling) if rope_scaling else {"rope_type": "default"}
+        fields.update(rope_parameters={**scaling, "rope_theta": text["rope_theta"]},
+                      transformers_version="5.0.0", dtype=fields.pop("torch_dtype"))
+    return fields
+
+
+def _copy(rope_scaling):
+    # transformers edits the rope dict it is given
+    return dict(rope_scaling) if rope_scaling else None
 
 
 # ------------------------------------------------------------------ families
-def make_minicpm(directory, variant: str = "minicpm", seed: int = 0) -> TinyCheckpoint:
+def make_minicpm(
+    directory, variant: str = "minicpm", seed: int = 0, schema: str = "4", rope_scaling=None
+) -> TinyCheckpoint:
     """MiniCPM-Llama3-V 2.5 (``variant="minicpm"``) or the released Llama 3-V ("llama3v")."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     llama3v = variant == "llama3v"
     # Llama 3-V's config has no vision_config: the converter assumes MiniCPM's 16 heads
     vision_cfg = dict(NAVIT, num_attention_heads=16 if llama3v else 4)
-    vision = hf_navit(vision_cfg, seed=seed)
+    # the published model runs transformers 4.40's position ids (pinned by its model card)
+    vision = with_440_positions(hf_navit(vision_cfg, seed=seed))
     projector = randomize(
         TorchResampler(QUERIES, LLM["hidden_size"], vision_cfg["hidden_size"]), seed=seed + 1
     )
-    llm, _ = hf_llama(LLM, seed=seed + 2)
+    llm, _ = hf_llama(LLM, rope_scaling=_copy(rope_scaling), seed=seed + 2)
     vis, proj = ("vison.", "projection.") if llama3v else ("vpm.", "resampler.")
     tensors = {**prefixed(vision, vis), **prefixed(projector, proj), **prefixed(llm, "llm.")}
     write_safetensors(directory, tensors, shards=3)
     config = {
-        **llama_fields(LLM),
+        **llama_fields(LLM, rope_scaling, schema),
         "image_size": 16,  # the slicing scale resolution (448 in the released model)
         "patch_size": vision_cfg["patch_size"],
         "query_num": QUERIES,
@@ -256,7 +282,7 @@ def make_minicpm(directory, variant: str = "minicpm", seed: int = 0) -> TinyChec
     )
 
 
-def make_bunny(directory, seed: int = 0) -> TinyCheckpoint:
+def make_bunny(directory, seed: int = 0, schema: str = "4", rope_scaling=None) -> TinyCheckpoint:
     """Bunny-Llama-3-8B-V: the tower without its last layer, vocab read off embed_tokens."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -268,7 +294,8 @@ def make_bunny(directory, seed: int = 0) -> TinyCheckpoint:
     projector = randomize(
         TorchMLPProjector(SIGLIP["hidden_size"], LLM["hidden_size"]), seed=seed + 1
     )
-    llm, _ = hf_llama(dict(LLM, vocab_size=VOCAB + 1), seed=seed + 2)  # the 128257 revision
+    # the 128257 revision
+    llm, _ = hf_llama(dict(LLM, vocab_size=VOCAB + 1), rope_scaling=_copy(rope_scaling), seed=seed + 2)
     tensors = {
         **{
             "model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v
@@ -281,7 +308,7 @@ def make_bunny(directory, seed: int = 0) -> TinyCheckpoint:
     }
     write_safetensors(directory, tensors, shards=2)
     config = {
-        **llama_fields(LLM),  # vocab_size 640: the embeddings have one more row
+        **llama_fields(LLM, rope_scaling, schema),  # vocab_size 640: embeddings have one more row
         "_name_or_path": "BAAI/Bunny-Llama-3-8B-V",
         "architectures": ["BunnyLlamaForCausalLM"],
         "auto_map": {
@@ -355,14 +382,14 @@ def make_siglip(directory, seed: int = 0):
     return directory, model
 
 
-def make_llama(directory, seed: int = 0, rope_scaling=ROPE_31):
+def make_llama(directory, seed: int = 0, rope_scaling=ROPE_31, schema: str = "4"):
     """A Llama 3.1-style LlamaForCausalLM with a plain Llama 3 tokenizer."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    llm, _ = hf_llama(LLM, rope_scaling=dict(rope_scaling) if rope_scaling else None, seed=seed)
+    llm, _ = hf_llama(LLM, rope_scaling=_copy(rope_scaling), seed=seed)
     write_safetensors(directory, llm.state_dict(), shards=2)
     config = {
-        **llama_fields(LLM, rope_scaling),
+        **llama_fields(LLM, rope_scaling, schema),
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "eos_token_id": [EOS, EOT],
@@ -375,11 +402,11 @@ def make_llama(directory, seed: int = 0, rope_scaling=ROPE_31):
     return directory, llm
 
 
-def make_composed(directory, seed: int = 0) -> TinyCheckpoint:
+def make_composed(directory, seed: int = 0, schema: str = "4", rope_scaling=ROPE_31) -> TinyCheckpoint:
     """The two parts to compose; the projector is set once the conversion made it."""
     directory = Path(directory)
     vision_dir, siglip = make_siglip(directory / "siglip", seed)
-    llm_dir, llm = make_llama(directory / "llama", seed + 2)
+    llm_dir, llm = make_llama(directory / "llama", seed + 2, rope_scaling, schema)
     return TinyCheckpoint(
         directory,
         "siglip_llama3",

@@ -109,6 +109,33 @@ def hf_navit(vision: dict = NAVIT, seed: int = 0):
     return randomize(Idefics2VisionTransformer(cfg), seed)
 
 
+def positions_440(num_per_side: int, mask: torch.Tensor) -> torch.Tensor:
+    """Idefics2 position ids as transformers 4.40 computed them, which MiniCPM-Llama3-V 2.5
+    was trained with: per tile, ``torch.arange(0, 1 - 1e-6, 1 / n)`` (n the int64 patch
+    count along a side), bucketized on ``arange(1/N, 1, 1/N)`` with ``right=True``.
+    ``mask`` is the (B, h, w) patch mask; padding gets id 0. Written from the formula."""
+    boundaries = torch.arange(1 / num_per_side, 1.0, 1 / num_per_side)
+    ids = torch.zeros(mask.shape[0], mask.shape[1] * mask.shape[2], dtype=torch.long)
+    for b, m in enumerate(mask):
+        n_h, n_w = m[:, 0].sum(), m[0].sum()
+        h = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / n_h), boundaries, right=True)
+        w = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / n_w), boundaries, right=True)
+        ids[b][m.reshape(-1)] = (h[:, None] * num_per_side + w[None, :]).reshape(-1)
+    return ids
+
+
+def with_440_positions(tower):
+    """An Idefics2 vision transformer whose embeddings use ``positions_440``."""
+    emb = tower.embeddings
+
+    def forward(pixel_values, patch_attention_mask):
+        x = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        return x + emb.position_embedding(positions_440(emb.num_patches_per_side, patch_attention_mask))
+
+    emb.forward = forward
+    return tower
+
+
 # ------------------------------------------------------------ image layouts
 def random_tiles(grids, patch: int, seed: int = 0):
     """Channels-last float32 tiles for (rows, cols) patch grids."""

@@ -25,6 +25,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hf_checkpoints import (
+    ROPE_31,
+    SCHEMAS,
     VOCAB,
     attention_projector_from,
     make_bunny,
@@ -56,19 +58,24 @@ class Tiny:
         self.checkpoints = {}
         self.outputs = {}
 
-    def checkpoint(self, name):
-        if name not in self.checkpoints:
-            path = self.root / name
+    def checkpoint(self, name, schema="4", rope=None):
+        """``name``'s checkpoint with its Llama fields in ``schema`` ("4" or "5"); ``rope``
+        "plain" or "llama3" (None: the family's usual, llama3 for the composed Llama 3.1)."""
+        usual = "llama3" if name == "compose" else "plain"
+        key = (name, schema, rope or usual)
+        if key not in self.checkpoints:
+            path = self.root / (name if key == (name, "4", usual) else "-".join(key))
+            kw = dict(schema=schema, rope_scaling=ROPE_31 if key[2] == "llama3" else None)
             if name == "compose":
-                self.checkpoints[name] = make_composed(path)
+                self.checkpoints[key] = make_composed(path, **kw)
             elif name == "bunny":
-                self.checkpoints[name] = make_bunny(path)
+                self.checkpoints[key] = make_bunny(path, **kw)
             else:
-                self.checkpoints[name] = make_minicpm(path, variant=name)
-        return self.checkpoints[name]
+                self.checkpoints[key] = make_minicpm(path, variant=name, **kw)
+        return self.checkpoints[key]
 
-    def source(self, name) -> dict:
-        ckpt = self.checkpoint(name)
+    def source(self, name, schema="4", rope=None) -> dict:
+        ckpt = self.checkpoint(name, schema, rope)
         if name == "compose":
             return dict(vision=str(ckpt.extra["vision"]), llm=str(ckpt.extra["llm"]))
         return dict(hf_path=str(ckpt.path))
@@ -76,20 +83,20 @@ class Tiny:
     def cli_source(self, name) -> list:
         return [a for k, v in self.source(name).items() for a in ("--" + k.replace("_", "-"), v)]
 
-    def converted(self, name, **options) -> Path:
+    def converted(self, name, schema="4", rope=None, **options) -> Path:
         options.setdefault("dtype", "float32")
-        key = (name, tuple(sorted(options.items())))
+        key = (self.checkpoint(name, schema, rope).path, tuple(sorted(options.items())))
         if key not in self.outputs:
             out = self.root / "out" / f"{name}-{len(self.outputs)}"
-            self.outputs[key] = convert(mlx_path=out, **self.source(name), **options)
+            self.outputs[key] = convert(mlx_path=out, **self.source(name, schema, rope), **options)
         return self.outputs[key]
 
-    def reference(self, name):
+    def reference(self, name, schema="4", rope=None):
         """The checkpoint's PyTorch pipeline; a composed model's projector is the converted one."""
-        ckpt = self.checkpoint(name)
+        ckpt = self.checkpoint(name, schema, rope)
         if name == "compose" and ckpt.projector is None:
             ckpt.projector = attention_projector_from(
-                mx.load(str(self.converted(name) / "model.safetensors"))
+                mx.load(str(self.converted(name, schema, rope) / "model.safetensors"))
             )
         return ckpt
 
@@ -113,6 +120,33 @@ def test_converted_model_matches_the_published_pipeline(tiny, name):
         assert len(inputs.tiles) > 2, "the image should be sliced"
     ref = tiny.reference(name).logits(inputs.input_ids, inputs.tiles, inputs.image_token_id)
     assert_close(logits, ref)
+
+
+@pytest.mark.parametrize("rope", ["plain", "llama3"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_both_config_schemas_give_the_same_model(tiny, name, rope):
+    """transformers 4.x (top-level rope_theta / rope_scaling) and 5.x (rope_parameters)
+    configs of one checkpoint: the same MLX config, logits equal to its PyTorch model."""
+    configs = {}
+    for schema in SCHEMAS:
+        out = tiny.converted(name, schema, rope)
+        configs[schema] = json.loads((out / "config.json").read_text())
+        logits, inputs = run_model(out)
+        ref = tiny.reference(name, schema, rope)
+        assert_close(logits, ref.logits(inputs.input_ids, inputs.tiles, inputs.image_token_id))
+    assert configs["4"]["text_config"] == configs["5"]["text_config"]
+    assert configs["4"] == configs["5"]
+    text = configs["4"]["text_config"]
+    assert text["rope_theta"] == 500000.0 and text["rms_norm_eps"] == 1e-5
+    assert text.get("rope_scaling") == (ROPE_31 if rope == "llama3" else None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rope_scaling_reaches_the_logits(tiny, name):
+    # guards the test above: the prompt runs past original_max_position_embeddings (16)
+    a, _ = run_model(tiny.converted(name, "5", "plain"))
+    b, _ = run_model(tiny.converted(name, "5", "llama3"))
+    assert np.abs(np.array(a) - np.array(b)).max() > 1e-3 * np.abs(np.array(a)).max()
 
 
 def test_images_reach_the_logits(tiny):
@@ -496,3 +530,104 @@ def test_compose_accepts_a_standalone_siglip_vision_model(tmp_path):
     assert any(k.startswith("vision_tower.") for k in wa)
     for k in wa:
         assert mx.array_equal(wa[k], wb[k]), k
+
+
+# ------------------------------------------------------------------ config fields
+def edit_config(folder: Path, name="config.json", **changes):
+    config = json.loads((folder / name).read_text())
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k, None)
+        else:
+            config[k] = v
+    write_json(folder / name, config)
+
+
+def test_minicpm_fields_are_read_never_the_published_code_defaults(tiny, tmp_path):
+    """query_num, drop_vision_last_layer, slice_config and the preprocessor settings
+    come from the checkpoint; absent, from the tensors and 2.5's published values, never
+    the published code's defaults (64 queries, last layer dropped, one slice)."""
+    src = copy_checkpoint(tiny, "minicpm", tmp_path)
+    edit_config(src, query_num=None, drop_vision_last_layer=None, slice_config=None)
+    (src / "preprocessor_config.json").unlink()
+    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "a") / "config.json").read_text())
+    proc = config["processor_config"]
+    assert config["projector_config"]["num_queries"] == 8 == proc["tokens_per_tile"]  # the tensor
+    assert config["vision_config"]["num_hidden_layers"] == 3
+    assert (proc["max_slices"], proc["slice"], proc["image_size"]) == (9, True, 16)
+    assert config["vision_config"]["navit_coords"] == "arange"
+
+    edit_config(src, image_size=None)  # no scale resolution anywhere: 2.5's 448
+    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "b") / "config.json").read_text())
+    assert config["processor_config"]["image_size"] == 448
+
+    src = copy_checkpoint(tiny, "minicpm", tmp_path / "c")
+    edit_config(src, "preprocessor_config.json", max_slice_nums=4, scale_resolution=20)
+    edit_config(src, slice_config={"max_slice_nums": 4, "patch_size": 4})
+    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "d") / "config.json").read_text())
+    assert (config["processor_config"]["max_slices"], config["processor_config"]["image_size"]) == (4, 20)
+
+
+def test_dropped_last_vision_layer_is_honoured_when_declared(tiny, tmp_path):
+    src = copy_checkpoint(tiny, "minicpm", tmp_path)
+    edit_config(src, drop_vision_last_layer=True)  # vision_config declares 3 layers
+    out = convert(hf_path=str(src), mlx_path=tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "pre,message",
+    [(dict(image_feature_size=64), "image_feature_size 64"), (dict(version=2.0), "version 2.0")],
+)
+def test_preprocessor_config_that_contradicts_the_checkpoint(tiny, tmp_path, pre, message):
+    src = copy_checkpoint(tiny, "minicpm", tmp_path)
+    edit_config(src, "preprocessor_config.json", **pre)
+    assert_error(["--hf-path", src, "--mlx-path", tmp_path / "out"], message)
+
+
+def test_llama3v_without_rope_and_norm_settings_takes_the_published_values(tiny, tmp_path):
+    # the Llama 3-V config lacks much; Llama 3 8B's rope_theta 5e5 and eps 1e-5 (the
+    # values the tiny model was made with) and the tensors' key/value heads fill it in
+    src = copy_checkpoint(tiny, "llama3v", tmp_path)
+    edit_config(src, rope_theta=None, rope_scaling=None, rms_norm_eps=None, num_key_value_heads=None)
+    out = convert(hf_path=str(src), mlx_path=tmp_path / "out", dtype="float32")
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["rope_theta"], text["rms_norm_eps"], text["num_key_value_heads"]) == (5e5, 1e-5, 2)
+    logits, inputs = run_model(out)
+    ref = tiny.reference("llama3v").logits(inputs.input_ids, inputs.tiles, inputs.image_token_id)
+    assert_close(logits, ref)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_composed_llm_without_rope_theta_is_refused(tiny, tmp_path, schema):
+    """A bare Llama has no published values to fall back on: never rope_theta 10000."""
+    llm = Path(shutil.copytree(tiny.source("compose", schema)["llm"], tmp_path / "llm"))
+    if schema == "5":
+        params = json.loads((llm / "config.json").read_text())["rope_parameters"]
+        edit_config(llm, rope_parameters={k: v for k, v in params.items() if k != "rope_theta"})
+    else:
+        edit_config(llm, rope_theta=None)
+    args = ["--vision", tiny.source("compose")["vision"], "--llm", llm, "--mlx-path", tmp_path / "o"]
+    assert_error(args, "language model config", "no rope_theta given")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "disagree"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
+        (dict(num_attention_heads=None), "no num_attention_heads given"),
+    ],
+)
+def test_contradictory_or_incomplete_lm_settings_are_errors(tiny, tmp_path, changes, message):
+    src = copy_checkpoint(tiny, "bunny", tmp_path)
+    edit_config(src, **changes)
+    assert_error(["--hf-path", src, "--mlx-path", tmp_path / "out"], message)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_only_minicpm_uses_navit_position_ids(tiny, name):
+    vision = json.loads((tiny.converted(name) / "config.json").read_text())["vision_config"]
+    navit = name in ("minicpm", "llama3v")
+    assert (vision["variant"], vision["strip_positions"]) == (("navit", True) if navit else ("siglip", False))

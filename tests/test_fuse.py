@@ -97,3 +97,30 @@ def test_command_line_errors_are_one_line(tiny, tmp_path):
     result = CliRunner().invoke(app, args + ["--force"])
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "taken" / "config.json").exists()
+
+
+def test_fuse_from_a_hub_id_copies_the_converted_tokenizer(tiny, tmp_path, monkeypatch):
+    """``--model <hub id>``: the download is converted into the cache first; the fused
+    folder takes that conversion's tokenizer and config, not the raw download's."""
+    import mlx_llama3v.loading as loading
+
+    repo = "openbmb/MiniCPM-Llama3-V-2_5"
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
+    adapters = make_adapters(tiny.model, tmp_path / "adapters")
+    result = CliRunner().invoke(app, ["-m", repo, "--adapter-path", str(adapters), "--save-path", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.stderr
+    out, converted = tmp_path / "f", tmp_path / "cache" / repo.replace("/", "--")
+    assert (converted / "config.json").exists(), "the download was converted into the cache"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (converted / name).exists():
+            assert (out / name).read_bytes() == (converted / name).read_bytes(), name
+    raw = json.loads((tiny.ckpt.path / "tokenizer_config.json").read_text())
+    fused_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert raw["tokenizer_class"] == "MiniCPMVTokenizerFast" and "auto_map" in raw
+    assert fused_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in fused_config
+    assert not list(out.glob("*.py")), "no remote code in the fused folder"
+    image = tiny.images[2]
+    expected = logits(*with_adapters(converted, adapters), image)
+    # the cache conversion is float16: fusing rounds the merged weights to float16
+    assert_close(logits(*load(out), image), expected, tol=1e-2)

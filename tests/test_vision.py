@@ -18,6 +18,7 @@ from references import (
     strip_nchw,
     to_mlx,
     valid_rows,
+    with_440_positions,
 )
 
 
@@ -102,7 +103,8 @@ def test_navit_padded_batch_matches_idefics2(kernels):
 
 
 def test_navit_strip_layout_matches_idefics2_fed_strips():
-    hf = hf_navit()
+    # MiniCPM 2.5's strips use transformers 4.40's position ids (test_navit_positions.py)
+    hf = with_440_positions(hf_navit())
     tower = mlx_tower(hf, **NAVIT, variant="navit", strip_positions=True)
     tiles = random_tiles(GRIDS, NAVIT["patch_size"], seed=2)
     x, mask = strip_nchw(tiles, NAVIT["patch_size"])
@@ -131,7 +133,8 @@ def _idefics2_position_ids(num_per_side, mask):
 
 @pytest.mark.parametrize("num_per_side", [70, 10])
 def test_bucketized_position_ids_match_transformers_exhaustively(num_per_side):
-    # 70: MiniCPM's table; every strip length a tile of up to ~470x470 px can have
+    # today's formula ("clamp", the generic NaViT tower): every strip length a tile of
+    # up to ~470x470 px can have; MiniCPM 2.5's own is in test_navit_positions.py
     for L in range(1, 1100, 1 if num_per_side == 70 else 7):
         mask = torch.ones(1, 1, L, dtype=torch.bool)
         ref = _idefics2_position_ids(num_per_side, mask)[0].numpy()

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from ..processing import resolve_processor_config
 from .common import (
+    LLAMA3_8B,
     Checkpoint,
     ConvertError,
     Source,
@@ -60,7 +61,7 @@ def load(ckpt: Checkpoint) -> Source:
             "unknown architecture: only Bunny on Llama 3 (Bunny-Llama-3-8B-V) is supported"
         )
     vision = _vision_config(config, weights)
-    text = text_config(config, weights, "lm_head.weight")
+    text = text_config(config, weights, published=LLAMA3_8B)
     text["vocab_size"] = weights["model.embed_tokens.weight"].shape[0]
     projector = dict(
         kind="mlp2x_gelu",

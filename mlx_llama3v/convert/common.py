@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.utils import _download, quantize_model, save_config
 from transformers import PreTrainedTokenizerFast
 
-from ..config import ModelConfig
+from ..config import ModelConfig, normalize_text_config
 from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
 
@@ -242,19 +242,39 @@ def vision_shapes(weights: Dict[str, mx.array], prefix: str) -> Dict:
     )
 
 
-def text_config(config: dict, weights: Dict[str, mx.array], lm_head: str) -> dict:
-    """A Llama config dict from a checkpoint's config.json fields.
+def text_config(
+    config: dict, weights: Dict[str, mx.array], prefix: str = "", published: Optional[dict] = None
+) -> dict:
+    """The language model's config, normalised first (``normalize_text_config``).
 
-    Missing fields take transformers' ``LlamaConfig`` defaults (its config.json only
-    lists what differs); untied embeddings are read off the presence of ``lm_head``.
+    ``config`` is the source's config.json (MiniCPM and Bunny keep the Llama fields
+    at its top level, beside their own); ``prefix`` is where the Llama's tensors sit
+    (``llm.`` or none). Fields config.json leaves out are read off the tensors where
+    they say it (vocabulary, tied embeddings, key/value heads), then taken from
+    ``published`` (the family's published values); anything else missing is an error.
     """
-    out = dict(LLAMA_DEFAULTS)
-    out.update({k: v for k, v in config.items() if not isinstance(v, dict) or k == "rope_scaling"})
-    if "rope_parameters" in config:
-        out["rope_parameters"] = config["rope_parameters"]
-    out["model_type"] = "llama"
-    if "tie_word_embeddings" not in config:
-        out["tie_word_embeddings"] = lm_head not in weights
+    fields = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    fields["model_type"] = "llama"
+    for k in ("rope_scaling", "rope_parameters"):
+        if k in config:
+            fields[k] = config[k]
+    try:
+        return normalize_text_config(fields, derived=_text_shapes(fields, weights, prefix), published=published)
+    except ValueError as e:
+        raise ConvertError(f"language model config: {_one_line(e)}") from None
+
+
+def _text_shapes(config: dict, weights: Dict[str, mx.array], prefix: str) -> dict:
+    out = {"tie_word_embeddings": prefix + "lm_head.weight" not in weights}
+    embed = weights.get(prefix + "model.embed_tokens.weight")
+    if embed is not None:
+        out["vocab_size"] = embed.shape[0]
+    k_proj = weights.get(prefix + "model.layers.0.self_attn.k_proj.weight")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if k_proj is not None and heads and hidden:
+        head_dim = config.get("head_dim") or hidden // heads
+        if k_proj.shape[0] % head_dim == 0:
+            out["num_key_value_heads"] = k_proj.shape[0] // head_dim
     return out
 
 
@@ -263,16 +283,11 @@ def eos_config(config: dict) -> dict:
     return {"eos_token_id": config["eos_token_id"]} if "eos_token_id" in config else {}
 
 
-LLAMA_DEFAULTS = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    max_position_embeddings=2048,
-)
+# Llama-3-8B(-Instruct)'s published values, for MiniCPM-Llama3-V 2.5 / Llama 3-V and
+# Bunny-Llama-3-8B-V configs that leave them out (model cards and the released
+# config.json files; shared/reference/checkpoints.md). Only values the tensors cannot
+# show; head counts and sizes must come from the source.
+LLAMA3_8B = dict(rope_theta=500000.0, rms_norm_eps=1e-5)
 
 
 # ------------------------------------------------------------------ checking

@@ -42,7 +42,7 @@ def load(vision: Checkpoint, llm: Checkpoint, num_layers: int = 2, seed: int = 0
     vision_cfg = _vision_config(vision)
     _check_llama(llm)
     llm_weights = llm.weights()
-    text = text_config(llm.config, llm_weights, "lm_head.weight")
+    text = text_config(llm.config, llm_weights)
     projector = ProjectorConfig(
         kind="attention",
         vision_hidden_size=vision_cfg["hidden_size"],

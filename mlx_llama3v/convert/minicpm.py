@@ -3,7 +3,12 @@
 Key prefixes: ``vpm.`` or ``vison.`` (NaViT SigLIP tower), ``resampler.`` or
 ``projection.`` (one-layer cross-attention resampler), ``llm.`` (Llama 3). The
 Llama 3-V ``config.json`` (model_type "llama3v") lacks ``vision_config`` and the
-slice settings, so what the tensors do not say is filled with MiniCPM 2.5's values.
+slice settings, so what the tensors do not say is filled with MiniCPM 2.5's published
+values: queries from the ``query`` tensor (never the published code's default 64), every
+stored vision layer (``drop_vision_last_layer`` absent means false, not its default
+true), 9 slices at 448 px (not one slice), rope_theta 5e5 and RMSNorm eps 1e-5 (Llama 3
+8B). Its vision tower uses transformers 4.40's position ids (``navit_coords``
+"arange"), the formula the released weights were trained with.
 The tokenizer must already hold the special tokens the model was trained with.
 """
 
@@ -14,6 +19,7 @@ from typing import List
 
 from ..processing import resolve_processor_config
 from .common import (
+    LLAMA3_8B,
     Checkpoint,
     ConvertError,
     Source,
@@ -62,7 +68,7 @@ def load(ckpt: Checkpoint) -> Source:
     proj = _prefix(weights, PROJECTOR_PREFIXES, "projector")
     renames = [(vis, "vision_tower."), (proj, "projector."), (LLM_PREFIX, "language_model.")]
     vision = _vision_config(config, weights, vis)
-    text = text_config(config, weights, LLM_PREFIX + "lm_head.weight")
+    text = text_config(config, weights, LLM_PREFIX, published=LLAMA3_8B)
     query = weights.get(proj + "query")
     if query is None:
         raise ConvertError(f"the checkpoint has no resampler queries ({proj}query)")
@@ -101,12 +107,24 @@ def _vision_config(config: dict, weights, prefix: str) -> dict:
     vision.update({k: declared[k] for k in VISION_KEYS if k in declared})
     if config.get("drop_vision_last_layer") and "num_hidden_layers" in declared:
         vision["num_hidden_layers"] -= 1  # the checkpoint lacks the dropped layer
-    return dict(vision, variant="navit", strip_positions=True, feature_layer=None)
+    return dict(
+        vision, variant="navit", strip_positions=True, navit_coords="arange", feature_layer=None
+    )
 
 
 def _processor_config(folder: Path, config: dict, vision: dict, queries: int) -> dict:
     """Slice settings from preprocessor_config.json, slice_config, then config.json."""
     pre = read_optional_json(folder / "preprocessor_config.json")
+    # the published image processor defaults to 64 tokens and version 2.0; never assumed
+    if pre.get("image_feature_size", queries) != queries:
+        raise ConvertError(
+            f"preprocessor_config.json: image_feature_size {pre['image_feature_size']} but the "
+            f"resampler has {queries} queries"
+        )
+    if str(pre.get("version", "2.5")) != "2.5":
+        raise ConvertError(
+            f"unknown architecture: preprocessor_config.json is for MiniCPM-V version {pre['version']}"
+        )
     slices = config.get("slice_config") or {}
     given = {}
     for key, names in (

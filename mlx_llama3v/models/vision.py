@@ -8,7 +8,8 @@ chosen, so one class serves both:
 - ``navit``: ``Idefics2VisionTransformer``. Tiles of any patch grid; fractional
   patch coordinates are bucketized onto the ``image_size / patch_size`` square
   table. MiniCPM-Llama3-V 2.5 feeds every tile as a one-patch-high strip, so its
-  ids only use row 0 of the table (``strip_positions``).
+  ids only use row 0 of the table (``strip_positions``), and computes the fractional
+  coordinates as transformers 4.40 did (``navit_coords`` "arange", see below).
 
 The patch convolution has stride = kernel, so it is computed as one matrix product
 over flattened patches (``patchify``), which lets tiles of different sizes share a
@@ -137,29 +138,66 @@ def patchify(tile, patch_size: int) -> np.ndarray:
     return x.reshape(-1, p * p * C)
 
 
+def torch_arange_f32(start: float, end: float, step: float) -> np.ndarray:
+    """``torch.arange(start, end, step)`` with a float32 result, bit for bit as PyTorch's
+    CPU kernel computes it (the NaViT position ids hinge on exact ties).
+
+    The length is ``ceil((end - start) / step)`` in double. The kernel fills 16
+    elements per loop iteration as two 8-wide vectors, each from a float32 base
+    ``start + step * i0`` plus ``k * step`` in double; the remainder after the last
+    whole 16 is filled one by one as ``start + step * i`` in double. Each value is
+    then rounded to float32. (Checked against torch in tests/test_navit_positions.py.)
+    """
+    start, step = float(start), float(step)
+    n = max(int(np.ceil((end - start) / step)), 0)
+    out = (start + step * np.arange(n, dtype=np.float64)).astype(np.float32)
+    body = n - n % 16
+    if body:
+        base = (start + step * np.arange(0, body, 8, dtype=np.float64)).astype(np.float32)
+        lanes = base.astype(np.float64)[:, None] + step * np.arange(8, dtype=np.float64)
+        out[:body] = lanes.reshape(-1).astype(np.float32)
+    return out
+
+
 @lru_cache(maxsize=16)
 def _boundaries(num_per_side: int) -> np.ndarray:
-    # torch.arange(1/n, 1.0, 1/n): start + i*step in double, cast to float32. (torch's
-    # vectorised CPU kernel rounds some entries differently for a few n, e.g. 27; for
-    # MiniCPM's n = 70 the tests check every strip length against transformers.)
+    # Idefics2: torch.arange(1 / n, 1.0, 1 / n), the same in every transformers version
     step = 1.0 / num_per_side
-    count = int(np.ceil((1.0 - step) / step))
-    return (step + np.arange(count, dtype=np.float64) * step).astype(np.float32)
+    return torch_arange_f32(step, 1.0, step)
 
 
-def _bucketize(n: int, num_per_side: int) -> np.ndarray:
-    """Bucket of each of n patches along one side, as Idefics2's embeddings compute it."""
+# How NaViT fractional patch coordinates are computed before bucketizing
+# (``VisionConfig.navit_coords``):
+# - "arange": transformers 4.40's Idefics2 embedding, torch.arange(0, 1 - 1e-6, 1 / n)
+#   with 1 / n a float32 tensor (n is an int64 patch count). MiniCPM-Llama3-V 2.5 was
+#   trained and published against transformers 4.40, so its weights expect these ids.
+# - "clamp": transformers >= 4.4x (5.x included), clamp(i * (1 / n), max=1 - 1e-6).
+# The two differ at exact ties with the bucket boundaries (e.g. 6 of the 1036 patches of
+# the source tile of a 640x480 photo), and neither equals floor(num_per_side * i / n).
+
+
+def _fractional_coords(n: int, coords: str) -> np.ndarray:
     step = np.float32(1.0) / np.float32(n)
-    frac = np.minimum(np.arange(n, dtype=np.float32) * step, np.float32(1.0 - 1e-6))
+    if coords == "arange":
+        frac = torch_arange_f32(0.0, 1.0 - 1e-6, float(step))
+        if len(frac) != n:  # 4.40 would fail to place these ids; no slicing produces it
+            raise ValueError(f"transformers 4.40 position ids are undefined for {n} patches")
+        return frac
+    return np.minimum(np.arange(n, dtype=np.float32) * step, np.float32(1.0 - 1e-6))
+
+
+def _bucketize(n: int, num_per_side: int, coords: str) -> np.ndarray:
+    """Bucket of each of n patches along one side, as Idefics2's embeddings compute it."""
+    frac = _fractional_coords(n, coords)
     return np.searchsorted(_boundaries(num_per_side), frac, side="right")
 
 
 @lru_cache(maxsize=256)
-def navit_position_ids(rows: int, cols: int, num_per_side: int) -> np.ndarray:
+def navit_position_ids(rows: int, cols: int, num_per_side: int, coords: str = "clamp") -> np.ndarray:
     """Position-table rows for a (rows x cols) patch grid, flattened row-major."""
     return (
-        _bucketize(rows, num_per_side)[:, None] * num_per_side
-        + _bucketize(cols, num_per_side)[None, :]
+        _bucketize(rows, num_per_side, coords)[:, None] * num_per_side
+        + _bucketize(cols, num_per_side, coords)[None, :]
     ).reshape(-1)
 
 
@@ -198,8 +236,8 @@ def position_ids_for(grid: Tuple[int, int], config: VisionConfig) -> np.ndarray:
             )
         return np.arange(n * n)
     if config.strip_positions:
-        return navit_position_ids(1, rows * cols, n)
-    return navit_position_ids(rows, cols, n)
+        return navit_position_ids(1, rows * cols, n, config.navit_coords)
+    return navit_position_ids(rows, cols, n, config.navit_coords)
 
 
 def make_tile_batch(tiles: Sequence, config: VisionConfig) -> TileBatch:

@@ -8,7 +8,16 @@
 - ``optimizer.safetensors``: the optimizer state (AdamW moments, its step counter);
 - ``state.json``: the optimizer step, the data position (micro-batches consumed, from
   which the epoch and the batch within it follow), the seed and the MLX random key,
-  and a fingerprint of the settings that must not change on resume.
+  and a fingerprint of the settings that must not change on resume;
+- ``checksums.json``: the SHA-256 of every other file, so damage (a truncation, a
+  flipped byte) is found before a resume uses the checkpoint.
+
+``--resume`` validates a checkpoint before using it (checksums; state.json parses and
+agrees with the folder's name, the optimizer's step and the micro-batch count; the
+trained weights and the optimizer state are readable, complete, of the model's shapes
+and finite). A damaged checkpoint is reported on stderr and the next older one tried;
+damaged folders are left as they are (the resumed run overwrites them as it reaches
+their step). When none is usable, resuming stops with one error naming each problem.
 
 A checkpoint is written into a hidden temporary folder, fsynced and renamed; then
 ``checkpoints/latest`` (a one-line file naming it) is replaced atomically. A run
@@ -19,12 +28,13 @@ micro-batch) before each micro-batch, so it follows from the data position.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -34,10 +44,17 @@ from .tuning import ADAPTERS, PROJECTOR
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
 
 
 class ResumeError(ValueError):
     """The checkpoint cannot continue this run; the message is one line."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that must not be resumed from; the message says what is wrong."""
 
 
 @dataclass
@@ -61,8 +78,10 @@ def save_checkpoint(
     tmp.mkdir()
     state.rng_key = [int(v) for v in mx.random.state[0].tolist()]
     write_weights(tmp)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+    (tmp / STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2), encoding="utf-8")
     for f in tmp.iterdir():
         fsync_path(f)
     final = root / name
@@ -86,32 +105,168 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, optimizer, fingerprint: str) -> TrainState:
-    """Restore the trained weights and the optimizer; returns the saved state."""
+def candidates(out: Path) -> List[Path]:
+    """Checkpoint folders to resume from, best first: the one ``latest`` names, then
+    the others from the newest step down."""
+    root = Path(out) / CHECKPOINTS
+    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = root / LATEST
+    try:
+        named = root / pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
+
+
+def resume_checkpoint(
+    out: Path, model, optimizer, fingerprint: str, micro_per_step: int, log: Callable[[str], None]
+) -> Optional[Tuple[Path, TrainState]]:
+    """Restore the newest good checkpoint of ``out``; None when it holds none at all.
+
+    Damaged checkpoints are reported through ``log`` and skipped; ResumeError when
+    there are checkpoints but none is usable, or one was made with other settings.
+    """
+    found = candidates(out)
+    if not found:
+        return None
+    problems = []
+    for path in found:
+        try:
+            state, weights, saved = read_checkpoint(path, model, optimizer, fingerprint, micro_per_step)
+        except DamagedCheckpoint as e:
+            problems.append(f"{path.name}: {e}")
+            log(f"warning: checkpoint {path} is damaged ({e}); trying an older one")
+            continue
+        model.load_weights(list(weights.items()), strict=False)
+        optimizer.state = saved
+        mx.eval(model.parameters(), optimizer.state)
+        if problems:
+            log(f"warning: resuming from {path}, the newest good checkpoint")
+        return path, state
+    raise ResumeError(
+        f"no usable checkpoint in {Path(out) / CHECKPOINTS} ({'; '.join(problems)}); "
+        "remove the folder to start again"
+    )
+
+
+def read_checkpoint(path: Path, model, optimizer, fingerprint: str, micro_per_step: int = 0):
+    """(state, trained weights, optimizer state) of a checkpoint, every part checked.
+
+    Raises DamagedCheckpoint for damage, ResumeError for a checkpoint of other
+    settings. Nothing of the model or optimizer is changed (the optimizer is
+    initialised for the model's trainable parameters, as resuming needs anyway).
+    """
     path = Path(path)
-    state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    _check_sums(path)
+    state = _read_state(path, micro_per_step)
     if state.fingerprint != fingerprint:
         raise ResumeError(
             f"{path} was made with other settings ({state.fingerprint} != {fingerprint}); "
             "resume with the same options, or start a new output folder"
         )
-    weights = {}
-    if (path / ADAPTERS).exists():
-        weights.update({f"language_model.{k}": v for k, v in mx.load(str(path / ADAPTERS)).items()})
-    if (path / PROJECTOR).exists():
-        weights.update({f"projector.{k}": v for k, v in mx.load(str(path / PROJECTOR)).items()})
     expected = dict(tree_flatten(model.trainable_parameters()))
-    if not set(expected) <= set(weights):
-        raise ResumeError(f"{path}: its trained weights are not this model's trainable ones")
-    model.load_weights(list(weights.items()), strict=False)
-    saved = mx.load(str(path / "optimizer.safetensors"))
+    weights = {}
+    for name, prefix in ((ADAPTERS, "language_model."), (PROJECTOR, "projector.")):
+        if (path / name).exists():
+            weights.update({prefix + k: v for k, v in _read_tensors(path / name).items()})
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise DamagedCheckpoint(
+            f"its trained weights lack {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    _check_shapes(weights, expected, "trained weight")
     optimizer.init(model.trainable_parameters())
+    target = dict(tree_flatten(optimizer.state))
+    saved = _read_tensors(path / OPTIMIZER)
+    lacking = [k for k in target if k not in saved]
+    if lacking:
+        raise DamagedCheckpoint(f"the optimizer state lacks {lacking[0]}")
+    _check_shapes(saved, target, "optimizer tensor")
+    if "step" in saved and int(saved["step"].item()) != state.step:
+        raise DamagedCheckpoint(
+            f"the optimizer is at step {int(saved['step'].item())}, state.json at {state.step}"
+        )
+    return state, weights, tree_map_with_path(lambda k, _: saved[k], optimizer.state)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sums(path: Path) -> None:
+    """Every file against checksums.json (checkpoints written before it had none)."""
+    if not (path / CHECKSUMS).exists():
+        return
     try:
-        optimizer.state = tree_map_with_path(lambda k, _: saved[k], optimizer.state)
-    except KeyError as e:
-        raise ResumeError(f"{path}: the optimizer state lacks {e.args[0]}") from None
-    mx.eval(model.parameters(), optimizer.state)
+        sums = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))["sha256"]
+        if not isinstance(sums, dict):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DamagedCheckpoint(f"{CHECKSUMS} is not valid JSON") from None
+    for name, digest in sums.items():
+        if not (path / str(name)).is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if _sha256(path / str(name)) != digest:
+            raise DamagedCheckpoint(f"{name} does not match its checksum")
+
+
+def _read_state(path: Path, micro_per_step: int) -> TrainState:
+    try:
+        data = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{STATE} is missing") from None
+    except (OSError, ValueError):
+        raise DamagedCheckpoint(f"{STATE} is not valid JSON") from None
+    names = {f.name for f in fields(TrainState)}
+    if not isinstance(data, dict) or set(data) != names:
+        raise DamagedCheckpoint(f"{STATE} does not hold a training state")
+    state = TrainState(**data)
+    ints = (state.step, state.micro_batches, state.seed)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+        raise DamagedCheckpoint(f"{STATE} holds a step, micro-batch count or seed that is not a count")
+    if path.name != f"step-{state.step:07d}":
+        raise DamagedCheckpoint(f"{STATE} says step {state.step}, the folder is {path.name}")
+    if micro_per_step and state.micro_batches != state.step * micro_per_step:
+        raise DamagedCheckpoint(
+            f"{STATE} counts {state.micro_batches} micro-batches for {state.step} steps of "
+            f"{micro_per_step}"
+        )
     return state
+
+
+def _read_tensors(path: Path) -> Dict[str, mx.array]:
+    """A safetensors file, checked whole and finite before it is used."""
+    from ..convert.common import ConvertError, safetensors_keys
+
+    if not path.exists():
+        raise DamagedCheckpoint(f"{path.name} is missing")
+    try:
+        safetensors_keys(path)
+        tensors = mx.load(str(path))
+    except ConvertError as e:
+        raise DamagedCheckpoint(str(e).replace(str(path), path.name)) from None
+    except Exception as e:  # MLX's loader raises several types
+        raise DamagedCheckpoint(f"{path.name} cannot be read ({' '.join(str(e).split())})") from None
+    for k, v in tensors.items():
+        if mx.issubdtype(v.dtype, mx.floating) and not bool(mx.isfinite(v).all()):
+            raise DamagedCheckpoint(f"{path.name}: {k} holds NaN or infinite values")
+    return tensors
+
+
+def _check_shapes(found: Dict[str, mx.array], expected: Dict[str, mx.array], what: str) -> None:
+    for k, v in expected.items():
+        if tuple(found[k].shape) != tuple(v.shape):
+            raise DamagedCheckpoint(
+                f"{what} {k} has shape {tuple(found[k].shape)}, the model needs {tuple(v.shape)}"
+            )
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:

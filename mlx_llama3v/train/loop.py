@@ -32,7 +32,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from tqdm import tqdm
 
 from .batching import Batch, BatchPlan, collate
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import Sample
 from .distributed import World, zeros_like
 from .features import VisionFeatures, project
@@ -134,11 +134,18 @@ class Trainer:
 
     # -------------------------------------------------------------- resume
     def resume(self) -> bool:
-        """Continue from the latest checkpoint of ``out``; False when there is none."""
-        path = latest_checkpoint(self.out)
-        if path is None:
+        """Continue from the newest good checkpoint of ``out``; False when there is none."""
+        found = resume_checkpoint(
+            self.out,
+            self.model,
+            self.optimizer,
+            self.fingerprint,
+            self.args.grad_accumulation_steps,
+            self.log,
+        )
+        if found is None:
             return False
-        self.state = load_checkpoint(path, self.model, self.optimizer, self.fingerprint)
+        path, self.state = found
         self.metrics.truncate_after(self.state.step)
         self.log(f"Resumed from {path} (step {self.state.step})")
         return True
