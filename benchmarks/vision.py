@@ -180,12 +180,12 @@ def _mlx_vlm_module(name: str):
     import importlib.util
     import types
 
-    spec = importlib.util.find_spec("mlx_vlm")
-    if spec is None:
-        return None
-    root = spec.submodule_search_locations[0]
-    for pkg, path in (("mlx_vlm", root), ("mlx_vlm.models.paligemma", f"{root}/models/paligemma")):
-        if pkg not in sys.modules:
+    if "mlx_vlm" not in sys.modules:
+        spec = importlib.util.find_spec("mlx_vlm")
+        if spec is None:
+            return None
+        root = spec.submodule_search_locations[0]
+        for pkg, path in (("mlx_vlm", root), ("mlx_vlm.models.paligemma", f"{root}/models/paligemma")):
             stub = types.ModuleType(pkg)
             stub.__path__ = [path]
             sys.modules[pkg] = stub
@@ -204,7 +204,11 @@ def mlx_vlm_siglip(hf, tiles):
     config = _mlx_vlm_module("mlx_vlm.models.paligemma.config")
     fields = config.VisionConfig.__dataclass_fields__
     model = vision.VisionModel(config.VisionConfig(**{k: v for k, v in dict(SO400M, image_size=384).items() if k in fields}))
-    weights = {k: v for k, v in to_mlx(hf.state_dict()).items() if ".head." not in k}
+    weights = {  # transformers 5 names them without the "vision_model." level
+        k if k.startswith("vision_model.") else f"vision_model.{k}": v
+        for k, v in to_mlx(hf.state_dict()).items()
+    }
+    weights = {k: v for k, v in weights.items() if not k.startswith("vision_model.head.")}
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     x = mx.array(np.stack(tiles))
