@@ -14,7 +14,11 @@ Rows (greedy, KV cache on, one image: ``examples/cat.png`` unless ``--image``):
 - a follow-up question about the same image (image-feature cache, KV cache reused);
 - decode tokens/s of ``mlx_lm.stream_generate`` on the same language model alone, on a
   prompt of the same length (our wrapper should add nothing);
-- peak MLX memory of a generation, float32 vs the language model in 4 bits.
+- peak MLX memory of a generation, float32 vs the language model in 4 bits;
+- decode as a share of this machine's memory-bandwidth bound: a decoded token reads every
+  weight of the language model once (the tied embedding as the output layer), so the
+  bound is bandwidth / weight bytes; bandwidth is that of a large MLX float32
+  matrix-vector product (the op decode is made of) measured in the same run.
 
 Decode tokens/s is (tokens - 1) / (time of the last token - time of the first), from the
 moment each token reaches the caller. The machine's other load shows in the numbers: run
@@ -36,6 +40,7 @@ from pathlib import Path
 import torch  # noqa: I001
 
 import mlx_llama3v  # noqa: F401  (optimised BLAS for MLX on Linux, before mlx.core)
+import mlx_llama3v.cpu
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
@@ -227,6 +232,31 @@ def run_torch(reference: TinyCheckpoint, processor, question, image, tokens):
     return rates(stamps.times, start)
 
 
+def weight_bytes_per_token(model: Model) -> int:
+    """Bytes of language-model weights one decoded token reads (the embedding table once:
+    as the tied output layer; an untied input table only gives one row)."""
+    lm = model.language_model
+    total = sum(v.nbytes for _, v in tree_flatten(lm.parameters()))
+    if not lm.args.tie_word_embeddings:
+        total -= lm.model.embed_tokens.weight.nbytes
+    return total
+
+
+def matvec_bandwidth(rows: int = 16384, cols: int = 8192, repeats: int = 5) -> float:
+    """GB/s of a float32 (1 x cols) @ (cols x rows) product over a 512 MiB matrix: the
+    weight-streaming speed decode can reach here."""
+    w = mx.random.normal((rows, cols))
+    x = mx.random.normal((1, cols))
+    mx.eval(w, x)
+    mx.eval(x @ w.T)  # warm-up
+    seconds = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(x @ w.T)
+        seconds = min(seconds, time.perf_counter() - t)
+    return w.nbytes / seconds / 1e9
+
+
 def best(fn, repeats):
     """Best time to first token and best decode rate over ``repeats`` runs."""
     runs = [fn() for _ in range(repeats)]
@@ -253,6 +283,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     tokens, image = args.tokens, args.image
+    mlx_llama3v.cpu.enable()
 
     tic = time.perf_counter()
     processor = processor_for(Path(tempfile.mkdtemp()))
@@ -295,6 +326,7 @@ def main():
         alone.append(run_mlx_lm(model, processor, ids, tokens))
     rows["mlx_cached"], rows["mlx_lm"] = best_of(ours), best_of(alone)
     rows["follow_up"] = best(follow_up, args.repeats)
+    bound = {"bytes": weight_bytes_per_token(model), "GB/s": max(matvec_bandwidth() for _ in range(2))}
     reference = vision = resampler = llm = None  # free the PyTorch side
     gc.collect()
     quantize_parts(model, 4, 64, ["language_model"])
@@ -303,7 +335,7 @@ def main():
     few = min(tokens, 8)  # MLX's CPU 4-bit kernels are slow: keep the run short
     rows["mlx_4bit"], memory["4-bit"] = with_peak_memory(lambda: best(lambda: fresh(few), 1))
 
-    report(rows, memory, len(ids), tokens, few, args)
+    report(rows, memory, bound, len(ids), tokens, few, args)
     print(f"total {time.perf_counter() - tic:.0f} s", file=sys.stderr)
 
 
@@ -326,14 +358,13 @@ NAMES = {
 }
 
 
-def report(rows, memory, prompt_tokens, tokens, few, args):
+def report(rows, memory, bound, prompt_tokens, tokens, few, args):
     t_ttft, t_dec = rows["torch"]
     print(
         f"Llama 3-V scaled: SigLIP-so400m NaViT tower (27 layers) + resampler (96 queries) + "
         f"Llama {args.layers} layers x 2048, vocab 128256; float32. {Path(args.image).name}, one "
         f"tile, prompt {prompt_tokens} tokens; greedy, {tokens} tokens ({few} for 4-bit). "
-        f"MLX BLAS: {mlx_llama3v._blas.loaded or 'MLX built-in'}; torch threads: "
-        f"{torch.get_num_threads()}.\n"
+        f"MLX {mlx_llama3v.cpu.describe()}; torch threads: {torch.get_num_threads()}.\n"
     )
     print(
         "| run | time to first token (s) | decode tokens/s | TTFT vs transformers | decode vs transformers |"
@@ -349,6 +380,15 @@ def report(rows, memory, prompt_tokens, tokens, few, args):
         f"Peak MLX memory of a generation with one image: float32 {memory['float32']:.2f} GiB, "
         f"language model 4-bit {memory['4-bit']:.2f} GiB"
     )
+    limit = bound["GB/s"] * 1e9 / bound["bytes"]
+    print(
+        f"\nMemory-bandwidth bound: {bound['bytes'] / 1e9:.2f} GB of weights per token at "
+        f"{bound['GB/s']:.1f} GB/s (1 x 8192 @ 8192 x 16384 float32 product, this run) = "
+        f"{limit:.2f} tokens/s\n"
+        "| decode | tokens/s | share of the bound |\n|---|---|---|"
+    )
+    for key in ("mlx_cached", "mlx_lm", "torch"):
+        print(f"| {NAMES[key]} | {rows[key][1]:.2f} | {100 * rows[key][1] / limit:.0f}% |")
 
 
 if __name__ == "__main__":

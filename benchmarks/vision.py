@@ -9,14 +9,16 @@ Rows:
 
 Also prints the machine's float32 matmul peak (best of a large MLX, numpy and
 torch matmul) and the share of it each MLX row achieves. "MLX" is the product path
-(``VisionTower.encode``; on an x86 CPU its softmax and GELU run in numpy's SIMD
-kernels, see ``models/cpu_kernels.py``); "MLX ops only" is the same call with
-``MLX_LLAMA3V_CPU_KERNELS=0`` (every op in MLX, tiles split over one CPU stream
-per core). PyTorch runs in a child process that never imports
-``mlx_llama3v``: the OpenBLAS that package opens globally for MLX would otherwise
+(``VisionTower.encode`` after ``mlx_llama3v.cpu.enable()``, as the commands run it; on
+a Linux CPU its softmax and GELU run in numpy's SIMD kernels, see ``mlx_llama3v/cpu.py``);
+"MLX ops only" is the same call with ``MLX_LLAMA3V_CPU_KERNELS=0`` (every op in MLX,
+tiles split over one CPU stream per core). The SigLIP row also runs mlx-vlm's SigLIP
+``VisionModel`` (``pip install mlx-vlm``, benchmark only) in the same process, on the same
+weights and the same BLAS. PyTorch runs in a child process that never imports
+``mlx_llama3v``: the BLAS forwarder that package opens globally for MLX could otherwise
 also serve PyTorch's BLAS calls. Both sides build the same weights from the same
 seeds. Float32 throughout (MLX's CPU float16 matmuls are slow).
-Run: ``python benchmarks/vision.py [--batch 2]``.
+Run: ``python benchmarks/vision.py [--batch 2] [--only siglip]``.
 """
 
 from __future__ import annotations
@@ -167,7 +169,56 @@ def mlx_side(kind: str, batch: int):
             else:
                 os.environ["MLX_LLAMA3V_CPU_KERNELS"] = before
 
-    return product, mlx_ops_only
+    vlm = mlx_vlm_siglip(modules[0], tiles) if kind == "siglip" else None
+    return product, mlx_ops_only, vlm
+
+
+def _mlx_vlm_module(name: str):
+    """An mlx-vlm module without running ``mlx_vlm/__init__`` (which imports its whole
+    server and audio stack); None when mlx-vlm is not installed."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "mlx_vlm" not in sys.modules:
+        spec = importlib.util.find_spec("mlx_vlm")
+        if spec is None:
+            return None
+        root = spec.submodule_search_locations[0]
+        for pkg, path in (("mlx_vlm", root), ("mlx_vlm.models.paligemma", f"{root}/models/paligemma")):
+            stub = types.ModuleType(pkg)
+            stub.__path__ = [path]
+            sys.modules[pkg] = stub
+    return importlib.import_module(name)
+
+
+def mlx_vlm_siglip(hf, tiles):
+    """mlx-vlm's SigLIP ``VisionModel`` on the same weights: a function returning its
+    features after ``post_layernorm`` for the whole batch, or None without mlx-vlm."""
+    import mlx.core as mx
+    from references import to_mlx
+
+    vision = _mlx_vlm_module("mlx_vlm.models.paligemma.vision")
+    if vision is None:
+        return None
+    config = _mlx_vlm_module("mlx_vlm.models.paligemma.config")
+    fields = config.VisionConfig.__dataclass_fields__
+    model = vision.VisionModel(config.VisionConfig(**{k: v for k, v in dict(SO400M, image_size=384).items() if k in fields}))
+    weights = {  # transformers 5 names them without the "vision_model." level
+        k if k.startswith("vision_model.") else f"vision_model.{k}": v
+        for k, v in to_mlx(hf.state_dict()).items()
+    }
+    weights = {k: v for k, v in weights.items() if not k.startswith("vision_model.head.")}
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    x = mx.array(np.stack(tiles))
+
+    def run():
+        # its encoder returns the first image's last state (x[0]); take every image's
+        _, _, states = model(x, output_hidden_states=True)
+        return model.vision_model.post_layernorm(states[-1])
+
+    return run
 
 
 def flops_of(kind: str, batch: int) -> float:
@@ -188,42 +239,50 @@ NAMES = {"siglip": "SigLIP-so400m 384px", "minicpm": "MiniCPM 448px tile (NaViT+
 def bench(kind: str, batch: int, repeats: int):
     import mlx.core as mx
 
-    product, mlx_ops_only = mlx_side(kind, batch)
+    product, mlx_ops_only, vlm = mlx_side(kind, batch)
     t_mlx = timed(lambda: mx.eval(product()), repeats)
     t_one = timed(lambda: mx.eval(mlx_ops_only()), repeats)
+    t_vlm = timed(lambda: mx.eval(vlm()), repeats) if vlm else None
     t_torch, ref, torch_peak = torch_side(kind, batch, repeats)
     check = float(np.abs(np.array(product()) - ref).max())
-    return (NAMES[kind], batch, t_mlx, t_one, t_torch, flops_of(kind, batch), check), torch_peak
+    if vlm:
+        check = max(check, float(np.abs(np.array(vlm()) - ref).max()))
+    return (NAMES[kind], batch, t_mlx, t_one, t_vlm, t_torch, flops_of(kind, batch), check), torch_peak
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", choices=list(NAMES), help="one row only")
     ap.add_argument("--torch-worker", choices=list(NAMES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         return torch_worker(args.torch_worker, args.batch, args.repeats, args.out)
 
-    import mlx_llama3v  # noqa: F401  (optimised BLAS for MLX on Linux, before mlx.core)
+    import mlx_llama3v.cpu  # the package links the BLAS for MLX on Linux, before mlx.core
     import torch
 
+    mlx_llama3v.cpu.enable()
     peak = matmul_peak()
-    rows, torch_peaks = zip(*[bench(kind, args.batch, args.repeats) for kind in NAMES])
+    kinds = [args.only] if args.only else list(NAMES)
+    rows, torch_peaks = zip(*[bench(kind, args.batch, args.repeats) for kind in kinds])
     peak = max(peak, matmul_peak(), *torch_peaks)  # a busy machine lowers some of them
     print(f"float32 matmul peak (best 3072^2 product of MLX, numpy and torch, before and after): {peak:.0f} GFLOP/s")
-    print(f"MLX BLAS: {mlx_llama3v._blas.loaded or 'MLX built-in'}; torch threads: {torch.get_num_threads()} (own process)")
+    print(f"MLX {mlx_llama3v.cpu.describe()}; torch threads: {torch.get_num_threads()} (own process)")
     head = (
-        f"| {'model':38} | batch | MLX img/s | MLX ops only img/s | torch img/s | speed-up "
-        "| MLX GFLOP/s | % of peak | torch % of peak | max abs diff |"
+        f"| {'model':38} | batch | MLX img/s | MLX ops only img/s | mlx-vlm img/s | torch img/s "
+        "| vs torch | vs mlx-vlm | MLX GFLOP/s | % of peak | torch % of peak | max abs diff |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for name, batch, t_mlx, t_one, t_torch, flops, check in rows:
+    for name, batch, t_mlx, t_one, t_vlm, t_torch, flops, check in rows:
+        vlm = f"{batch / t_vlm:13.3f}" if t_vlm else f"{'-':>13}"
+        vs_vlm = f"{t_vlm / t_mlx:9.2f}x" if t_vlm else f"{'-':>10}"
         print(
-            f"| {name:38} | {batch:5} | {batch / t_mlx:9.3f} | {batch / t_one:18.3f} | {batch / t_torch:11.3f} "
-            f"| {t_torch / t_mlx:7.2f}x | {flops / t_mlx / 1e9:11.0f} | {100 * flops / t_mlx / 1e9 / peak:8.0f}% "
+            f"| {name:38} | {batch:5} | {batch / t_mlx:9.3f} | {batch / t_one:18.3f} | {vlm} | {batch / t_torch:11.3f} "
+            f"| {t_torch / t_mlx:7.2f}x | {vs_vlm} | {flops / t_mlx / 1e9:11.0f} | {100 * flops / t_mlx / 1e9 / peak:8.0f}% "
             f"| {100 * flops / t_torch / 1e9 / peak:14.0f}% | {check:12.2e} |"
         )
 

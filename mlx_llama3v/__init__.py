@@ -1,16 +1,17 @@
 """mlx-llama3v: run, convert, embed for and fine-tune Llama 3-V style models with MLX.
 
 Importing the package is cheap: submodules load on first use. On Linux it first
-points MLX at an optimised BLAS when one is installed (see ``_blas``), which must
-happen before ``mlx.core`` is imported anywhere in the process.
+puts the pip-installed OpenBLAS behind MLX's BLAS calls (``cpu.link_blas``), which
+only works before ``mlx.core`` is imported anywhere in the process; the rest of the
+Linux CPU machinery waits for ``mlx_llama3v.cpu.enable()`` (the commands call it).
 
 ``load``, ``generate`` and ``stream_generate`` are imported from their modules
 (``loading``, ``generation.generate``) the first time they are asked for.
 """
 
-from ._blas import use_fast_blas
+from .cpu import link_blas
 
-use_fast_blas()
+link_blas()  # before any mlx.core import: libmlx.so binds cblas_sgemm when it loads
 
 import importlib  # noqa: E402
 

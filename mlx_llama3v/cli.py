@@ -22,6 +22,7 @@ from typing import Callable, NoReturn
 
 import typer
 
+from . import cpu
 from .errors import UserError, one_line
 
 # subcommand -> the module whose main() runs it
@@ -67,6 +68,7 @@ def new_app() -> typer.Typer:
 
 def run_app(app: typer.Typer, prog_name: str) -> None:
     """Run a command's app as its ``main()``."""
+    cpu.enable()  # the Linux CPU speed-ups for every command (mlx_llama3v/cpu.py)
     # SIGTERM unwinds like Ctrl-C: finally blocks remove temporary files and folders
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if sys.argv[0].startswith("mlx_llama3v "):  # run as ``mlx_llama3v SUBCOMMAND`` (main below)

@@ -25,16 +25,15 @@ from references import (
 @pytest.fixture(params=[False, True], ids=["mlx-ops", "numpy-kernels"])
 def kernels(request, monkeypatch):
     """Run the tower with MLX ops, or with the numpy softmax/GELU path that ``encode``
-    takes on x86 CPUs (forced on, so it is checked on any platform). Yields a context
+    takes on Linux CPUs (forced on, so it is checked on any platform). Yields a context
     to run the tower in and the list of softmax calls it made."""
-    from mlx_llama3v.models import cpu_kernels
+    from mlx_llama3v import cpu
 
     calls = []
     if request.param:
-        softmax_ = cpu_kernels.softmax_
-        monkeypatch.setattr(cpu_kernels, "available", lambda: True)
-        monkeypatch.setattr(cpu_kernels, "softmax_", lambda s: calls.append(s.shape) or softmax_(s))
-    yield cpu_kernels.use(request.param), calls, request.param
+        softmax_ = cpu.softmax_
+        monkeypatch.setattr(cpu, "softmax_", lambda s: calls.append(s.shape) or softmax_(s))
+    yield cpu.tower_kernels(request.param), calls, request.param
 
 
 def mlx_tower(hf_model, **config):
@@ -162,7 +161,7 @@ def test_pixels_past_the_last_patch_are_ignored_like_a_valid_conv():
 
 
 def test_balanced_groups_cover_every_tile_once_and_keep_sizes_together():
-    from mlx_llama3v.models.parallel import balanced_groups
+    from mlx_llama3v.cpu import balanced_groups
 
     sizes = [1024, 256, 1024, 1024, 256, 900, 1024]
     groups = balanced_groups(sizes, 2)
@@ -186,23 +185,3 @@ def test_parallel_encode_equals_one_padded_batch(numpy_kernels, monkeypatch):
         for row, i in enumerate(idx):
             n = batch.lengths[row]
             np.testing.assert_allclose(feats[row, :n], whole[i, :n], atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_kernels_equal_mlx_softmax_and_gelu_in_place():
-    import mlx.nn as nn
-
-    from mlx_llama3v.models import cpu_kernels
-
-    x = mx.random.normal((3, 5, 40)) * 8
-    x = mx.where(mx.random.uniform(shape=x.shape) < 0.3, -mx.inf, x)  # masked keys
-    x[..., 0] = 1.0  # every row keeps one finite entry
-    want = mx.softmax(x, axis=-1)
-    mx.eval(x, want)
-    got = cpu_kernels.softmax_(x)
-    assert got is x  # computed in MLX's own buffer, no copy
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-
-    h = mx.random.normal((7, 300)) * 6
-    want = nn.gelu_approx(h)
-    mx.eval(h, want)
-    np.testing.assert_allclose(cpu_kernels.gelu_tanh_(h), want, rtol=1e-5, atol=1e-6)

@@ -45,6 +45,7 @@ from mlx_lm.generate import GenerationResponse as LMResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .. import cpu
 from ..cli import command, new_app, run_app
 from ..processing import PromptError
 from . import cli
@@ -342,6 +343,7 @@ def run(
     print(flush=True)
     if verbose and last is not None:
         typer.echo(format_stats(last), err=True)
+        typer.echo(cpu.describe(), err=True)
 
 
 def main() -> None:

@@ -26,9 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import cpu
 from ..config import VisionConfig
-from . import cpu_kernels
-from .parallel import balanced_groups, cpu_workers, map_evaluated
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -63,13 +62,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         split = lambda t: t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if cpu_kernels.active(q):
-            scores = (q * self.scale) @ k.swapaxes(-1, -2)
-            if mask is not None:
-                scores = mx.where(mask, scores, -mx.inf)
-            out = cpu_kernels.softmax_(scores) @ v
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = cpu.attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
@@ -78,13 +71,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dims, hidden)
         self.fc2 = nn.Linear(hidden, dims)
-        self.act = activation(act)
+        self.act = cpu.activation(activation(act))
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.fc1(x)
-        if self.act is nn.gelu_approx and cpu_kernels.active(h):
-            return self.fc2(cpu_kernels.gelu_tanh_(h))
-        return self.fc2(self.act(h))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -294,21 +284,15 @@ class VisionTower(nn.Module):
         """Evaluated features for tiles, as (tile indices, batch, features) groups.
 
         Each group holds tiles of similar size to keep padding low. The tower is
-        frozen, so its features carry no gradient. On a CPU without vectorised
-        ``exp``/``tanh`` in MLX (x86-64) the softmax and GELU run in numpy
-        (``cpu_kernels``) and the groups one after another, every core on each; on
-        other CPUs the groups run concurrently, one per core (``parallel``).
+        frozen, so its features carry no gradient, and where ``mlx_llama3v.cpu`` is
+        switched on (Linux CPU) the groups take its numpy softmax/GELU or its
+        per-core streams.
         """
         p = self.config.patch_size
         sizes = [(np.shape(t)[0] // p) * (np.shape(t)[1] // p) for t in tiles]
-        groups = balanced_groups(sizes, cpu_workers())
+        groups = cpu.balanced_groups(sizes, cpu.tower_groups())
         batches = [make_tile_batch([tiles[i] for i in g], self.config) for g in groups]
-        if cpu_kernels.available():
-            with cpu_kernels.use():
-                feats = [mx.stop_gradient(self(b)) for b in batches]
-            mx.eval(feats)
-        else:
-            feats = map_evaluated(lambda k: mx.stop_gradient(self(batches[k])), range(len(groups)))
+        feats = cpu.encode_groups(lambda k: mx.stop_gradient(self(batches[k])), len(groups))
         return list(zip(groups, batches, feats))
 
     def sanitize(self, weights: dict) -> dict:
