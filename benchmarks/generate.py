@@ -326,7 +326,10 @@ def main():
         alone.append(run_mlx_lm(model, processor, ids, tokens))
     rows["mlx_cached"], rows["mlx_lm"] = best_of(ours), best_of(alone)
     rows["follow_up"] = best(follow_up, args.repeats)
-    bound = {"bytes": weight_bytes_per_token(model), "GB/s": max(matvec_bandwidth() for _ in range(2))}
+    bound = {
+        "bytes": weight_bytes_per_token(model),
+        "GB/s": max(matvec_bandwidth() for _ in range(2)),
+    }
     reference = vision = resampler = llm = None  # free the PyTorch side
     gc.collect()
     quantize_parts(model, 4, 64, ["language_model"])

@@ -103,8 +103,14 @@ def row_embed(root: Path, model: Path, fresh: bool = True) -> dict:
         shutil.rmtree(root / "cache")
     reset_peak()
     t = time.perf_counter()
-    summary = embed(str(model), str(root / "data.jsonl"), str(root / "cache"), dtype="float16",
-                    batch_size=32, shard_size_mb=64)
+    summary = embed(
+        str(model),
+        str(root / "data.jsonl"),
+        str(root / "cache"),
+        dtype="float16",
+        batch_size=32,
+        shard_size_mb=64,
+    )
     seconds = time.perf_counter() - t
     assert summary.encoded + summary.cached == summary.unique, summary
     return {"seconds": seconds, "items": summary.unique, "peak_rss": vm("VmHWM")}
@@ -122,7 +128,12 @@ def row_lookup(root: Path, model: Path) -> dict:
     for p in picks:
         cache[p]
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "open_seconds": opened, "items": len(picks), "peak_rss": vm("VmHWM")}
+    return {
+        "seconds": seconds,
+        "open_seconds": opened,
+        "items": len(picks),
+        "peak_rss": vm("VmHWM"),
+    }
 
 
 def row_prepare(root: Path, model: Path, fmt: str) -> dict:
@@ -134,8 +145,13 @@ def row_prepare(root: Path, model: Path, fmt: str) -> dict:
 
     model_, processor = load(str(model))
     cache = FeatureCache(root / "cache")
-    enc = SampleEncoder(processor.tokenizer, processor.config, model_.config.projector_config, 512,
-                  layout=cache_layout(cache, processor.config))
+    enc = SampleEncoder(
+        processor.tokenizer,
+        processor.config,
+        model_.config.projector_config,
+        512,
+        layout=cache_layout(cache, processor.config),
+    )
     import gc
 
     gc.collect()
@@ -148,9 +164,13 @@ def row_prepare(root: Path, model: Path, fmt: str) -> dict:
     seconds = time.perf_counter() - t
     ids = sum(s.ids.nbytes for s in samples)
     peak = vm("VmHWM")
-    return {"seconds": seconds, "items": report.kept, "peak_rss": peak,
-            "bytes_per_sample": (peak - base) / report.kept,
-            "beyond_ids": (peak - base - ids) / report.kept}
+    return {
+        "seconds": seconds,
+        "items": report.kept,
+        "peak_rss": peak,
+        "bytes_per_sample": (peak - base) / report.kept,
+        "beyond_ids": (peak - base - ids) / report.kept,
+    }
 
 
 def row_train(root: Path, model: Path) -> dict:
@@ -161,11 +181,17 @@ def row_train(root: Path, model: Path) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    cfg = TrainConfig(model=str(model), data=[str(root / "data.jsonl")], out=str(out),
-                      features=str(root / "cache"), max_length=512,
-                      tune=TuneConfig(stage="pretrain"),
-                      loop=LoopArgs(iters=30, batch_size=8, learning_rate=1e-3, progress=False,
-                                    steps_per_save=1000))
+    cfg = TrainConfig(
+        model=str(model),
+        data=[str(root / "data.jsonl")],
+        out=str(out),
+        features=str(root / "cache"),
+        max_length=512,
+        tune=TuneConfig(stage="pretrain"),
+        loop=LoopArgs(
+            iters=30, batch_size=8, learning_rate=1e-3, progress=False, steps_per_save=1000
+        ),
+    )
     reset_peak()
     train(cfg, log=lambda s: None)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -189,8 +215,13 @@ def row_million(root: Path, model: Path) -> dict:
     t = time.perf_counter()
     for k in picks:
         cache[k]
-    return {"seconds": time.perf_counter() - t, "open_seconds": opened, "items": len(picks),
-            "entries": len(cache), "peak_rss": vm("VmHWM")}
+    return {
+        "seconds": time.perf_counter() - t,
+        "open_seconds": opened,
+        "items": len(picks),
+        "entries": len(cache),
+        "peak_rss": vm("VmHWM"),
+    }
 
 
 ROWS = {
@@ -207,7 +238,9 @@ ROWS = {
 def child(row: str, root: Path, model: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", row, "--root", str(root), "--model", str(model)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{row} at {root}: {proc.stderr[-3000:]}")
@@ -234,8 +267,10 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         make_data(root, n)
-        print(f"N={n}: data written in {time.perf_counter() - t:.1f} s; load {os.getloadavg()}",
-              file=sys.stderr)
+        print(
+            f"N={n}: data written in {time.perf_counter() - t:.1f} s; load {os.getloadavg()}",
+            file=sys.stderr,
+        )
         for row in ("embed", "embed-rerun", "lookup", "prepare-json", "prepare-jsonl", "train"):
             results[(row, n)] = child(row, root, model)
             print(f"  {row}: {results[(row, n)]}", file=sys.stderr)
@@ -250,9 +285,14 @@ def report(results: dict) -> None:
     head = "| row | " + " | ".join(f"N={n:,}" for n in sizes) + " | 100K/1K |"
     print(head)
     print("|" + "---|" * (len(sizes) + 2))
-    units = {"embed": ("ms/image", 1e3), "embed-rerun": ("ms/image, all cached", 1e3), "lookup": ("us/lookup (open + 10K)", 1e6),
-             "prepare-json": ("ms/record, JSON array", 1e3),
-             "prepare-jsonl": ("ms/record, JSONL", 1e3), "train": ("ms/step (batch 8)", 1e3)}
+    units = {
+        "embed": ("ms/image", 1e3),
+        "embed-rerun": ("ms/image, all cached", 1e3),
+        "lookup": ("us/lookup (open + 10K)", 1e6),
+        "prepare-json": ("ms/record, JSON array", 1e3),
+        "prepare-jsonl": ("ms/record, JSONL", 1e3),
+        "train": ("ms/step (batch 8)", 1e3),
+    }
     for row, (unit, scale) in units.items():
         cells = []
         per = {}
@@ -263,15 +303,20 @@ def report(results: dict) -> None:
         ratio = per[sizes[-1]] / per[sizes[0]] if len(sizes) > 1 else float("nan")
         print(f"| {row} ({unit}, peak RSS) | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     for fmt in ("json", "jsonl"):
-        cells = [f"{results[(f'prepare-{fmt}', n)]['bytes_per_sample']:.0f} B "
-                 f"({results[(f'prepare-{fmt}', n)]['beyond_ids']:.0f} beyond ids)" for n in sizes]
+        cells = [
+            f"{results[(f'prepare-{fmt}', n)]['bytes_per_sample']:.0f} B "
+            f"({results[(f'prepare-{fmt}', n)]['beyond_ids']:.0f} beyond ids)"
+            for n in sizes
+        ]
         print(f"| prepare-{fmt} RSS per sample | " + " | ".join(cells) + " | |")
     cells = [f"{results[('train', n)]['steps_per_s']:.1f}" for n in sizes]
     print("| train steps/s | " + " | ".join(cells) + " | |")
     if ("million", 1_000_000) in results:
         r = results[("million", 1_000_000)]
-        print(f"\n1M synthetic entries: open {r['open_seconds']:.3f} s, 10K random lookups "
-              f"{r['seconds']:.3f} s, peak RSS {r['peak_rss'] / 1e6:.0f} MB ({r['entries']:,} entries)")
+        print(
+            f"\n1M synthetic entries: open {r['open_seconds']:.3f} s, 10K random lookups "
+            f"{r['seconds']:.3f} s, peak RSS {r['peak_rss'] / 1e6:.0f} MB ({r['entries']:,} entries)"
+        )
 
 
 if __name__ == "__main__":

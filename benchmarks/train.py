@@ -38,14 +38,35 @@ import numpy as np
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-              image_size=224, patch_size=14, variant="siglip")
-TEXT = dict(model_type="llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=4, vocab_size=640, rms_norm_eps=1e-5,
-            rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+VISION = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=14,
+    variant="siglip",
+)
+TEXT = dict(
+    model_type="llama",
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=640,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 LORA = {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": None}  # alpha 16
 LORA_KEYS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUESTIONS = ["What is in this image?", "Describe the picture in detail.", "How many people are in the photo?"]
+QUESTIONS = [
+    "What is in this image?",
+    "Describe the picture in detail.",
+    "How many people are in the photo?",
+]
 ANSWERS = [
     "The image shows a small red house next to a tall green tree.",
     "There are two cats sitting on a wooden table, and a dog is sleeping under the window.",
@@ -85,16 +106,24 @@ def make_model(folder: Path, quantize: bool = False) -> Path:
     tokenizer = make_llama3_tokenizer(folder)
     tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
     processor = dict(default_processor_config("siglip_llama3"), image_size=224, tokens_per_tile=256)
-    config = ModelConfig.from_dict(dict(
-        family="siglip_llama3",
-        vision_config=VISION,
-        projector_config=dict(kind="attention", vision_hidden_size=384, text_hidden_size=512,
-                              num_layers=2, num_attention_heads=6, intermediate_size=1536),
-        text_config=TEXT,
-        image_token="<unk>",
-        image_token_id=tok.convert_tokens_to_ids("<unk>"),
-        processor_config=processor,
-    ))
+    config = ModelConfig.from_dict(
+        dict(
+            family="siglip_llama3",
+            vision_config=VISION,
+            projector_config=dict(
+                kind="attention",
+                vision_hidden_size=384,
+                text_hidden_size=512,
+                num_layers=2,
+                num_attention_heads=6,
+                intermediate_size=1536,
+            ),
+            text_config=TEXT,
+            image_token="<unk>",
+            image_token_id=tok.convert_tokens_to_ids("<unk>"),
+            processor_config=processor,
+        )
+    )
     mx.random.seed(0)
     model = Model(config)
     if quantize:
@@ -112,10 +141,22 @@ def make_data(root: Path, n: int) -> Path:
     lines = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (300 + 8 * (i % 5), 400, 3), dtype=np.uint8)).save(
-            root / "img" / f"{i}.jpg", quality=90)
-        lines.append(json.dumps({"image": f"img/{i}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\n" + QUESTIONS[i % 3]},
-            {"from": "gpt", "value": " ".join(ANSWERS[j % 4] for j in range(i % 3 + 1))}]}))
+            root / "img" / f"{i}.jpg", quality=90
+        )
+        lines.append(
+            json.dumps(
+                {
+                    "image": f"img/{i}.jpg",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n" + QUESTIONS[i % 3]},
+                        {
+                            "from": "gpt",
+                            "value": " ".join(ANSWERS[j % 4] for j in range(i % 3 + 1)),
+                        },
+                    ],
+                }
+            )
+        )
     path = root / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -125,12 +166,24 @@ def run_mlx(model: Path, data: Path, out: Path, steps: int, batch: int, stage: s
     from mlx_llama3v.train import LoopArgs, TrainConfig, TuneConfig, train
 
     mx.reset_peak_memory()
-    result = train(TrainConfig(
-        model=str(model), data=[str(data)], out=str(out), features=features and str(features),
-        tune=TuneConfig(stage=stage, lora_parameters=dict(LORA)),
-        loop=LoopArgs(iters=steps, batch_size=batch, learning_rate=1e-4, steps_per_save=10**6,
-                      progress=False, seed=0),
-    ), log=lambda s: None)
+    result = train(
+        TrainConfig(
+            model=str(model),
+            data=[str(data)],
+            out=str(out),
+            features=features and str(features),
+            tune=TuneConfig(stage=stage, lora_parameters=dict(LORA)),
+            loop=LoopArgs(
+                iters=steps,
+                batch_size=batch,
+                learning_rate=1e-4,
+                steps_per_save=10**6,
+                progress=False,
+                seed=0,
+            ),
+        ),
+        log=lambda s: None,
+    )
     entries = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     entries = [e for e in entries if "loss" in e][2:]  # the first two steps warm up
     best = min(entries, key=lambda e: e["step_seconds"])
@@ -138,12 +191,18 @@ def run_mlx(model: Path, data: Path, out: Path, steps: int, batch: int, stage: s
     from mlx.utils import tree_flatten
 
     weights = sum(v.nbytes for _, v in tree_flatten(result.model.parameters()))
-    return dict(seconds=seconds, tokens_per_s=tokens / seconds, peak_gb=max(e["peak_memory_gb"] for e in entries),
-                weights_gb=weights / 1e9)
+    return dict(
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        peak_gb=max(e["peak_memory_gb"] for e in entries),
+        weights_gb=weights / 1e9,
+    )
 
 
 # ------------------------------------------------------------------ PyTorch + peft
-def dump_batches(folder: Path, data: Path, cache_dir: Path, steps: int, batch_size: int, out: Path) -> None:
+def dump_batches(
+    folder: Path, data: Path, cache_dir: Path, steps: int, batch_size: int, out: Path
+) -> None:
     """The MLX run's batches (same plan, same cached features) for the PyTorch worker."""
     from mlx_llama3v.embed import FeatureCache, stack_features
     from mlx_llama3v.loading import load
@@ -160,9 +219,14 @@ def dump_batches(folder: Path, data: Path, cache_dir: Path, steps: int, batch_si
     for step in range(steps):
         batch = collate([by_index[i] for i in plan.batch(step)], pad_id=0)
         feats, _ = stack_features([cache[src] for src in batch.images])
-        arrays.update({f"ids{step}": batch.ids, f"targets{step}": batch.targets,
-                       f"feats{step}": np.array(feats.astype(mx.float32)),
-                       f"tokens{step}": np.array(batch.num_tokens)})
+        arrays.update(
+            {
+                f"ids{step}": batch.ids,
+                f"targets{step}": batch.targets,
+                f"feats{step}": np.array(feats.astype(mx.float32)),
+                f"tokens{step}": np.array(batch.num_tokens),
+            }
+        )
     np.savez(out, **arrays)
 
 
@@ -176,18 +240,30 @@ def torch_worker(folder: Path, batches: Path, steps: int) -> dict:
     from references import TorchAttentionProjector
 
     torch.set_num_threads(2)
-    weights = {k: torch.from_numpy(v.astype(np.float32)) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    weights = {
+        k: torch.from_numpy(v.astype(np.float32))
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+    }
     cfg = LlamaConfig(**{k: v for k, v in TEXT.items() if k != "model_type"})
     cfg._attn_implementation = "sdpa"
     llm = LlamaForCausalLM(cfg)
-    llm.load_state_dict({k[len("language_model."):]: v for k, v in weights.items()
-                         if k.startswith("language_model.")}, strict=True)
+    llm.load_state_dict(
+        {
+            k[len("language_model.") :]: v
+            for k, v in weights.items()
+            if k.startswith("language_model.")
+        },
+        strict=True,
+    )
     proj = TorchAttentionProjector(384, 6, 1536, 512, 2)
-    proj.load_state_dict({k[len("projector."):]: v for k, v in weights.items() if k.startswith("projector.")},
-                         strict=True)
+    proj.load_state_dict(
+        {k[len("projector.") :]: v for k, v in weights.items() if k.startswith("projector.")},
+        strict=True,
+    )
     proj.eval().requires_grad_(False)
-    llm = get_peft_model(llm, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_KEYS,
-                                         bias="none"))
+    llm = get_peft_model(
+        llm, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_KEYS, bias="none")
+    )
     trainable = [p for p in llm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     data = np.load(batches)
@@ -202,8 +278,9 @@ def torch_worker(folder: Path, batches: Path, steps: int) -> dict:
         embeds = embeds.masked_scatter((ids == image_id)[..., None], rows)
         logits = llm(inputs_embeds=embeds[:, :-1]).logits
         mask = torch.from_numpy(data[f"targets{step}"][:, 1:]).reshape(-1)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               ids[:, 1:].reshape(-1), reduction="none")
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
         loss = (ce * mask).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -212,7 +289,9 @@ def torch_worker(folder: Path, batches: Path, steps: int) -> dict:
         times.append(time.perf_counter() - tic)
         tokens.append(int(data[f"tokens{step}"]))
     k = min(range(2, steps), key=lambda i: times[i])
-    return dict(seconds=times[k], tokens_per_s=tokens[k] / times[k], threads=torch.get_num_threads())
+    return dict(
+        seconds=times[k], tokens_per_s=tokens[k] / times[k], threads=torch.get_num_threads()
+    )
 
 
 def run_torch(folder: Path, data: Path, cache_dir: Path, steps: int, batch_size: int) -> dict:
@@ -252,32 +331,73 @@ def main() -> None:
         # alternated twice, best of each: other processes on the machine come and go
         runs = []
         for k in range(2):
-            runs.append(("mlx", run_mlx(root / "model", data, root / f"lora{k}", args.steps, args.batch, "sft",
-                                        root / "cache")))
-            runs.append(("torch", run_torch(root / "model", data, root / "cache", args.steps, args.batch)))
+            runs.append(
+                (
+                    "mlx",
+                    run_mlx(
+                        root / "model",
+                        data,
+                        root / f"lora{k}",
+                        args.steps,
+                        args.batch,
+                        "sft",
+                        root / "cache",
+                    ),
+                )
+            )
+            runs.append(
+                ("torch", run_torch(root / "model", data, root / "cache", args.steps, args.batch))
+            )
         lora = min((r for n, r in runs if n == "mlx"), key=lambda r: r["seconds"])
         ref = min((r for n, r in runs if n == "torch"), key=lambda r: r["seconds"])
         # MLX's CPU 4-bit matmul is far slower than float: a few steps measure the memory
-        qlora = run_mlx(root / "model-q4", data, root / "qlora", min(args.steps, 3), args.batch, "sft",
-                        root / "cache")
-        cached = run_mlx(root / "model", data, root / "s1-cache", args.steps, args.batch, "pretrain", root / "cache")
+        qlora = run_mlx(
+            root / "model-q4",
+            data,
+            root / "qlora",
+            min(args.steps, 3),
+            args.batch,
+            "sft",
+            root / "cache",
+        )
+        cached = run_mlx(
+            root / "model",
+            data,
+            root / "s1-cache",
+            args.steps,
+            args.batch,
+            "pretrain",
+            root / "cache",
+        )
         live = run_mlx(root / "model", data, root / "s1-live", args.steps, args.batch, "pretrain")
 
-    print(f"\nfloat32, {args.batch} samples per step (~{lora['tokens_per_s'] * lora['seconds'] / args.batch:.0f} "
-          f"tokens each), fastest of steps 3-{args.steps}; torch threads: {ref['threads']}\n")
+    print(
+        f"\nfloat32, {args.batch} samples per step (~{lora['tokens_per_s'] * lora['seconds'] / args.batch:.0f} "
+        f"tokens each), fastest of steps 3-{args.steps}; torch threads: {ref['threads']}\n"
+    )
     print("| measurement | MLX (mlx_llama3v.train) | reference | ratio |")
     print("|---|---|---|---|")
-    print(f"| stage 2 LoRA tokens/s (vs PyTorch + peft) | {lora['tokens_per_s']:.0f} | "
-          f"{ref['tokens_per_s']:.0f} | {lora['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")
-    print(f"| stage 1 step time, cached features (vs encoding on the fly) | {cached['seconds'] * 1e3:.0f} ms | "
-          f"{live['seconds'] * 1e3:.0f} ms | {live['seconds'] / cached['seconds']:.2f}x faster |")
-    print(f"| peak memory, QLoRA 4-bit (vs LoRA float32) | {qlora['peak_gb'] * 1e3:.0f} MB | "
-          f"{lora['peak_gb'] * 1e3:.0f} MB | {qlora['peak_gb'] / lora['peak_gb']:.2f}x |")
-    print(f"| model weights in memory, QLoRA 4-bit (vs LoRA float32) | {qlora['weights_gb'] * 1e3:.0f} MB | "
-          f"{lora['weights_gb'] * 1e3:.0f} MB | {qlora['weights_gb'] / lora['weights_gb']:.2f}x |")
-    print(f"\n(building the feature cache for {args.samples} images took {cache_seconds:.1f} s; "
-          f"QLoRA step {qlora['seconds'] * 1e3:.0f} ms, LoRA step {lora['seconds'] * 1e3:.0f} ms, "
-          f"PyTorch step {ref['seconds'] * 1e3:.0f} ms)")
+    print(
+        f"| stage 2 LoRA tokens/s (vs PyTorch + peft) | {lora['tokens_per_s']:.0f} | "
+        f"{ref['tokens_per_s']:.0f} | {lora['tokens_per_s'] / ref['tokens_per_s']:.2f}x |"
+    )
+    print(
+        f"| stage 1 step time, cached features (vs encoding on the fly) | {cached['seconds'] * 1e3:.0f} ms | "
+        f"{live['seconds'] * 1e3:.0f} ms | {live['seconds'] / cached['seconds']:.2f}x faster |"
+    )
+    print(
+        f"| peak memory, QLoRA 4-bit (vs LoRA float32) | {qlora['peak_gb'] * 1e3:.0f} MB | "
+        f"{lora['peak_gb'] * 1e3:.0f} MB | {qlora['peak_gb'] / lora['peak_gb']:.2f}x |"
+    )
+    print(
+        f"| model weights in memory, QLoRA 4-bit (vs LoRA float32) | {qlora['weights_gb'] * 1e3:.0f} MB | "
+        f"{lora['weights_gb'] * 1e3:.0f} MB | {qlora['weights_gb'] / lora['weights_gb']:.2f}x |"
+    )
+    print(
+        f"\n(building the feature cache for {args.samples} images took {cache_seconds:.1f} s; "
+        f"QLoRA step {qlora['seconds'] * 1e3:.0f} ms, LoRA step {lora['seconds'] * 1e3:.0f} ms, "
+        f"PyTorch step {ref['seconds'] * 1e3:.0f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,10 @@ def encoder_flops(tokens: int, width: int, mlp: int, layers: int, patch_in: int)
 
 def tiles_for(kind: str, batch: int):
     side = 384 if kind == "siglip" else 448
-    return [np.random.default_rng(i).uniform(-1, 1, (side, side, 3)).astype(np.float32) for i in range(batch)]
+    return [
+        np.random.default_rng(i).uniform(-1, 1, (side, side, 3)).astype(np.float32)
+        for i in range(batch)
+    ]
 
 
 def torch_model(kind: str, batch: int):
@@ -123,8 +126,18 @@ def torch_side(kind: str, batch: int, repeats: int):
     """Best time, output and matmul GFLOP/s of the PyTorch side, in a clean child process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/out.npy"
-        cmd = [sys.executable, __file__, "--torch-worker", kind, "--batch", str(batch),
-               "--repeats", str(repeats), "--out", out]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--torch-worker",
+            kind,
+            "--batch",
+            str(batch),
+            "--repeats",
+            str(repeats),
+            "--out",
+            out,
+        ]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         result = json.loads(res.stdout.strip().splitlines()[-1])
         return result["seconds"], np.load(out), result["peak"]
@@ -185,7 +198,10 @@ def _mlx_vlm_module(name: str):
         if spec is None:
             return None
         root = spec.submodule_search_locations[0]
-        for pkg, path in (("mlx_vlm", root), ("mlx_vlm.models.paligemma", f"{root}/models/paligemma")):
+        for pkg, path in (
+            ("mlx_vlm", root),
+            ("mlx_vlm.models.paligemma", f"{root}/models/paligemma"),
+        ):
             stub = types.ModuleType(pkg)
             stub.__path__ = [path]
             sys.modules[pkg] = stub
@@ -203,7 +219,11 @@ def mlx_vlm_siglip(hf, tiles):
         return None
     config = _mlx_vlm_module("mlx_vlm.models.paligemma.config")
     fields = config.VisionConfig.__dataclass_fields__
-    model = vision.VisionModel(config.VisionConfig(**{k: v for k, v in dict(SO400M, image_size=384).items() if k in fields}))
+    model = vision.VisionModel(
+        config.VisionConfig(
+            **{k: v for k, v in dict(SO400M, image_size=384).items() if k in fields}
+        )
+    )
     weights = {  # transformers 5 names them without the "vision_model." level
         k if k.startswith("vision_model.") else f"vision_model.{k}": v
         for k, v in to_mlx(hf.state_dict()).items()
@@ -247,7 +267,16 @@ def bench(kind: str, batch: int, repeats: int):
     check = float(np.abs(np.array(product()) - ref).max())
     if vlm:
         check = max(check, float(np.abs(np.array(vlm()) - ref).max()))
-    return (NAMES[kind], batch, t_mlx, t_one, t_vlm, t_torch, flops_of(kind, batch), check), torch_peak
+    return (
+        NAMES[kind],
+        batch,
+        t_mlx,
+        t_one,
+        t_vlm,
+        t_torch,
+        flops_of(kind, batch),
+        check,
+    ), torch_peak
 
 
 def main():
@@ -269,8 +298,12 @@ def main():
     kinds = [args.only] if args.only else list(NAMES)
     rows, torch_peaks = zip(*[bench(kind, args.batch, args.repeats) for kind in kinds])
     peak = max(peak, matmul_peak(), *torch_peaks)  # a busy machine lowers some of them
-    print(f"float32 matmul peak (best 3072^2 product of MLX, numpy and torch, before and after): {peak:.0f} GFLOP/s")
-    print(f"MLX {mlx_llama3v.cpu.describe()}; torch threads: {torch.get_num_threads()} (own process)")
+    print(
+        f"float32 matmul peak (best 3072^2 product of MLX, numpy and torch, before and after): {peak:.0f} GFLOP/s"
+    )
+    print(
+        f"MLX {mlx_llama3v.cpu.describe()}; torch threads: {torch.get_num_threads()} (own process)"
+    )
     head = (
         f"| {'model':38} | batch | MLX img/s | MLX ops only img/s | mlx-vlm img/s | torch img/s "
         "| vs torch | vs mlx-vlm | MLX GFLOP/s | % of peak | torch % of peak | max abs diff |"

@@ -169,9 +169,7 @@ class VisionConfig(BaseModelArgs):
             )
         n = self.num_hidden_layers
         if self.feature_layer is not None and not -(n + 1) <= self.feature_layer <= n:
-            raise ValueError(
-                f"feature_layer {self.feature_layer} is outside hidden_states[0..{n}]"
-            )
+            raise ValueError(f"feature_layer {self.feature_layer} is outside hidden_states[0..{n}]")
 
     @property
     def num_patches_per_side(self) -> int:
@@ -268,7 +266,5 @@ class ModelConfig(BaseModelArgs):
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
-        out["text_config"] = {
-            k: v for k, v in asdict(self.text_config).items() if v is not None
-        }
+        out["text_config"] = {k: v for k, v in asdict(self.text_config).items() if v is not None}
         return out

@@ -85,7 +85,7 @@ def _file_above(path: Path) -> Optional[Path]:
 
 
 def _disk_state(path: Path) -> Optional[str]:
-    """"Read-only file system" / "No space left on device" for the disk under ``path``."""
+    """ "Read-only file system" / "No space left on device" for the disk under ``path``."""
     folder = next((p for p in [path, *path.parents] if p.is_dir()), None)
     try:
         stat = os.statvfs(folder)
@@ -228,7 +228,9 @@ def verify_checksums(folder: Path, names: Optional[Iterable[str]] = None) -> Non
     """Check files against ``checksums.json``: ``DamagedFileError`` naming the first that differs."""
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
-        raise UserError(f"{folder}: no {CHECKSUMS} to verify against (convert it again to record one)")
+        raise UserError(
+            f"{folder}: no {CHECKSUMS} to verify against (convert it again to record one)"
+        )
     recorded = read_json(folder / CHECKSUMS, DamagedFileError).get("sha256", {})
     for name in sorted(names if names is not None else recorded):
         if name not in recorded:

@@ -49,7 +49,13 @@ def fuse(
     from mlx_lm.utils import dequantize_model, save_model
 
     from .convert import ConvertError
-    from .convert.common import check_target, copy_if_present, record_checksums, staging, write_config
+    from .convert.common import (
+        check_target,
+        copy_if_present,
+        record_checksums,
+        staging,
+        write_config,
+    )
     from .loading import AdapterError, converted_folder, load
 
     adapters = Path(adapter_path).expanduser()
@@ -70,7 +76,9 @@ def fuse(
         net, processor = load(source, adapter_path=str(adapters))
     except (AdapterError, ConvertError, ValueError, FileNotFoundError) as e:
         raise FuseError(one_line(e)) from None
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
+    fused = [
+        (n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")
+    ]
     if fused:
         net.update_modules(tree_unflatten(fused))
     if dequantize:
@@ -126,9 +134,13 @@ app = new_app()
 )
 def run(
     model: str = typer.Option(..., "--model", "-m", help="The converted base model folder."),
-    adapter_path: Path = typer.Option(Path("adapters"), "--adapter-path", help="Adapter folder from training."),
+    adapter_path: Path = typer.Option(
+        Path("adapters"), "--adapter-path", help="Adapter folder from training."
+    ),
     save_path: Path = typer.Option(Path("fused_model"), "--save-path", help="Output folder."),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights (de-quantize a QLoRA base)."),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="Write float weights (de-quantize a QLoRA base)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     out = fuse(model, str(adapter_path), str(save_path), dequantize=dequantize, force=force)

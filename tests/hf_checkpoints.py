@@ -181,8 +181,11 @@ def llama_fields(text: dict, rope_scaling=None, schema: str = "4") -> dict:
     if schema == "5":
         del fields["rope_theta"], fields["rope_scaling"]
         scaling = dict(rope_scaling) if rope_scaling else {"rope_type": "default"}
-        fields.update(rope_parameters={**scaling, "rope_theta": text["rope_theta"]},
-                      transformers_version="5.0.0", dtype=fields.pop("torch_dtype"))
+        fields.update(
+            rope_parameters={**scaling, "rope_theta": text["rope_theta"]},
+            transformers_version="5.0.0",
+            dtype=fields.pop("torch_dtype"),
+        )
     return fields
 
 
@@ -295,7 +298,9 @@ def make_bunny(directory, seed: int = 0, schema: str = "4", rope_scaling=None) -
         TorchMLPProjector(SIGLIP["hidden_size"], LLM["hidden_size"]), seed=seed + 1
     )
     # the 128257 revision
-    llm, _ = hf_llama(dict(LLM, vocab_size=VOCAB + 1), rope_scaling=_copy(rope_scaling), seed=seed + 2)
+    llm, _ = hf_llama(
+        dict(LLM, vocab_size=VOCAB + 1), rope_scaling=_copy(rope_scaling), seed=seed + 2
+    )
     tensors = {
         **{
             "model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v
@@ -402,7 +407,9 @@ def make_llama(directory, seed: int = 0, rope_scaling=ROPE_31, schema: str = "4"
     return directory, llm
 
 
-def make_composed(directory, seed: int = 0, schema: str = "4", rope_scaling=ROPE_31) -> TinyCheckpoint:
+def make_composed(
+    directory, seed: int = 0, schema: str = "4", rope_scaling=ROPE_31
+) -> TinyCheckpoint:
     """The two parts to compose; the projector is set once the conversion made it."""
     directory = Path(directory)
     vision_dir, siglip = make_siglip(directory / "siglip", seed)

@@ -130,7 +130,9 @@ def with_440_positions(tower):
 
     def forward(pixel_values, patch_attention_mask):
         x = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        return x + emb.position_embedding(positions_440(emb.num_patches_per_side, patch_attention_mask))
+        return x + emb.position_embedding(
+            positions_440(emb.num_patches_per_side, patch_attention_mask)
+        )
 
     emb.forward = forward
     return tower
@@ -239,7 +241,9 @@ class TorchBlock(nn.Module):
         a = self.self_attn
         h = self.layer_norm1(x)
         split = lambda t: t.reshape(B, L, self.heads, -1).transpose(1, 2)
-        att = F.scaled_dot_product_attention(split(a.q_proj(h)), split(a.k_proj(h)), split(a.v_proj(h)))
+        att = F.scaled_dot_product_attention(
+            split(a.q_proj(h)), split(a.k_proj(h)), split(a.v_proj(h))
+        )
         x = x + a.out_proj(att.transpose(1, 2).reshape(B, L, D))
         h = self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x)), approximate="tanh"))
         return x + h
@@ -265,7 +269,9 @@ class TorchMLPProjector(nn.Module):
 
     def __init__(self, dims: int, out_dims: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dims, out_dims), nn.GELU(), nn.Linear(out_dims, out_dims))
+        self.layers = nn.Sequential(
+            nn.Linear(dims, out_dims), nn.GELU(), nn.Linear(out_dims, out_dims)
+        )
 
     def forward(self, x):
         return self.layers(x)

@@ -37,7 +37,11 @@ def write_synthetic_cache(root: Path, n: int, per_shard: int = 50_000, tokens=2,
     writer = ShardWriter(root, doc, root / INDEX, "float16", lookup=lookup)
     for i in range(n):
         image = EncodedImage(
-            synthetic_key(i), [(synthetic_tile(i, tokens, width), None)], [(1, tokens)], None, f"{i}.png"
+            synthetic_key(i),
+            [(synthetic_tile(i, tokens, width), None)],
+            [(1, tokens)],
+            None,
+            f"{i}.png",
         )
         writer.add(image)
         if (i + 1) % per_shard == 0:

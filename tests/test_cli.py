@@ -57,8 +57,12 @@ def assert_one_error(app, args, fragment, input=None):
 
 
 @pytest.mark.parametrize("app", [generate_app, chat_app], ids=["generate", "chat"])
-@pytest.mark.parametrize("args,fragment", BAD_GENERATION, ids=[" ".join(a) for a, _ in BAD_GENERATION])
-def test_generation_options_that_make_no_sense_are_refused_before_loading(app, args, fragment, tmp_path):
+@pytest.mark.parametrize(
+    "args,fragment", BAD_GENERATION, ids=[" ".join(a) for a, _ in BAD_GENERATION]
+)
+def test_generation_options_that_make_no_sense_are_refused_before_loading(
+    app, args, fragment, tmp_path
+):
     # the model does not exist: the options are checked first
     assert_one_error(app, ["--model", tmp_path / "no-model", *args], fragment, input="")
 
@@ -110,7 +114,10 @@ def test_train_refuses_a_learning_rate_that_makes_no_sense(tmp_path):
         (["--lr", "0"], "--learning-rate must be a positive finite number"),
         (["--learning-rate", "inf"], "--learning-rate must be a positive finite number"),
         (["--weight-decay", "-1"], "--weight-decay must be a finite number, at least 0"),
-        (["--lora-dropout", "1.5"], "--lora-dropout must be a finite number, at least 0 and at most 1"),
+        (
+            ["--lora-dropout", "1.5"],
+            "--lora-dropout must be a finite number, at least 0 and at most 1",
+        ),
         (["--min-lr-ratio", "nan"], "--min-lr-ratio must be a finite number"),
         (["--max-grad-norm", "-1"], "--max-grad-norm must be a finite number"),
     ]:
@@ -120,12 +127,20 @@ def test_train_refuses_a_learning_rate_that_makes_no_sense(tmp_path):
 
 def test_convert_refuses_quantization_options_without_quantize(tmp_path):
     out = tmp_path / "out"
-    for args in (["--q-bits", "3"], ["--q-group-size", "32"], ["--quantize-vision"], ["--quantize-projector"]):
+    for args in (
+        ["--q-bits", "3"],
+        ["--q-group-size", "32"],
+        ["--quantize-vision"],
+        ["--quantize-projector"],
+    ):
         assert_one_error(
-            convert_app, ["--hf-path", tmp_path, "--mlx-path", out, *args], f"{args[0]} needs -q/--quantize"
+            convert_app,
+            ["--hf-path", tmp_path, "--mlx-path", out, *args],
+            f"{args[0]} needs -q/--quantize",
         )
     assert_one_error(
-        convert_app, ["--hf-path", tmp_path, "--mlx-path", out, "--projector-layers", "0"],
+        convert_app,
+        ["--hf-path", tmp_path, "--mlx-path", out, "--projector-layers", "0"],
         "--projector-layers must be at least 1",
     )
     assert not out.exists()
@@ -155,7 +170,9 @@ def test_the_mlx_llama3v_entry_point_runs_each_command():
         proc = run("mlx_llama3v", sub, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout, (sub, proc.stderr)
     proc = run("mlx_llama3v", "generate", "--model", "/nonexistent/model", "--temp", "-1")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --temp must be at least 0; got -1.0"
+    assert (
+        proc.returncode == 2 and proc.stderr.strip() == "error: --temp must be at least 0; got -1.0"
+    )
     proc = run("mlx_llama3v", "nosuch")
     assert proc.returncode == 2 and proc.stderr.startswith("error: no subcommand 'nosuch'")
     proc = run("mlx_llama3v")

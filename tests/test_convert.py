@@ -518,12 +518,19 @@ def test_compose_accepts_a_standalone_siglip_vision_model(tmp_path):
     tower = SiglipVisionModel(full.config.vision_config)
     prefix = "vision_model."
     own = {k[len(prefix) :]: v for k, v in full.state_dict().items() if k.startswith(prefix)}
-    tower.load_state_dict(own if "embeddings.patch_embedding.weight" in tower.state_dict()
-                          else {prefix + k: v for k, v in own.items()})
+    tower.load_state_dict(
+        own
+        if "embeddings.patch_embedding.weight" in tower.state_dict()
+        else {prefix + k: v for k, v in own.items()}
+    )
     tower.save_pretrained(tmp_path / "tower")
     llm_dir, _ = make_llama(tmp_path / "llm")
-    a = convert(vision=str(tmp_path / "tower"), llm=str(llm_dir), mlx_path=tmp_path / "a", dtype="float32")
-    b = convert(vision=str(tmp_path / "full"), llm=str(llm_dir), mlx_path=tmp_path / "b", dtype="float32")
+    a = convert(
+        vision=str(tmp_path / "tower"), llm=str(llm_dir), mlx_path=tmp_path / "a", dtype="float32"
+    )
+    b = convert(
+        vision=str(tmp_path / "full"), llm=str(llm_dir), mlx_path=tmp_path / "b", dtype="float32"
+    )
     wa, wb = mx.load(str(a / "model.safetensors")), mx.load(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     assert any(k.startswith("vision_tower.") for k in wa)
@@ -549,7 +556,9 @@ def test_minicpm_fields_are_read_never_the_published_code_defaults(tiny, tmp_pat
     src = copy_checkpoint(tiny, "minicpm", tmp_path)
     edit_config(src, query_num=None, drop_vision_last_layer=None, slice_config=None)
     (src / "preprocessor_config.json").unlink()
-    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "a") / "config.json").read_text())
+    config = json.loads(
+        (convert(hf_path=str(src), mlx_path=tmp_path / "a") / "config.json").read_text()
+    )
     proc = config["processor_config"]
     assert config["projector_config"]["num_queries"] == 8 == proc["tokens_per_tile"]  # the tensor
     assert config["vision_config"]["num_hidden_layers"] == 3
@@ -557,14 +566,21 @@ def test_minicpm_fields_are_read_never_the_published_code_defaults(tiny, tmp_pat
     assert config["vision_config"]["navit_coords"] == "arange"
 
     edit_config(src, image_size=None)  # no scale resolution anywhere: 2.5's 448
-    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "b") / "config.json").read_text())
+    config = json.loads(
+        (convert(hf_path=str(src), mlx_path=tmp_path / "b") / "config.json").read_text()
+    )
     assert config["processor_config"]["image_size"] == 448
 
     src = copy_checkpoint(tiny, "minicpm", tmp_path / "c")
     edit_config(src, "preprocessor_config.json", max_slice_nums=4, scale_resolution=20)
     edit_config(src, slice_config={"max_slice_nums": 4, "patch_size": 4})
-    config = json.loads((convert(hf_path=str(src), mlx_path=tmp_path / "d") / "config.json").read_text())
-    assert (config["processor_config"]["max_slices"], config["processor_config"]["image_size"]) == (4, 20)
+    config = json.loads(
+        (convert(hf_path=str(src), mlx_path=tmp_path / "d") / "config.json").read_text()
+    )
+    assert (config["processor_config"]["max_slices"], config["processor_config"]["image_size"]) == (
+        4,
+        20,
+    )
 
 
 def test_dropped_last_vision_layer_is_honoured_when_declared(tiny, tmp_path):
@@ -588,7 +604,9 @@ def test_llama3v_without_rope_and_norm_settings_takes_the_published_values(tiny,
     # the Llama 3-V config lacks much; Llama 3 8B's rope_theta 5e5 and eps 1e-5 (the
     # values the tiny model was made with) and the tensors' key/value heads fill it in
     src = copy_checkpoint(tiny, "llama3v", tmp_path)
-    edit_config(src, rope_theta=None, rope_scaling=None, rms_norm_eps=None, num_key_value_heads=None)
+    edit_config(
+        src, rope_theta=None, rope_scaling=None, rms_norm_eps=None, num_key_value_heads=None
+    )
     out = convert(hf_path=str(src), mlx_path=tmp_path / "out", dtype="float32")
     text = json.loads((out / "config.json").read_text())["text_config"]
     assert (text["rope_theta"], text["rms_norm_eps"], text["num_key_value_heads"]) == (5e5, 1e-5, 2)
@@ -606,7 +624,14 @@ def test_composed_llm_without_rope_theta_is_refused(tiny, tmp_path, schema):
         edit_config(llm, rope_parameters={k: v for k, v in params.items() if k != "rope_theta"})
     else:
         edit_config(llm, rope_theta=None)
-    args = ["--vision", tiny.source("compose")["vision"], "--llm", llm, "--mlx-path", tmp_path / "o"]
+    args = [
+        "--vision",
+        tiny.source("compose")["vision"],
+        "--llm",
+        llm,
+        "--mlx-path",
+        tmp_path / "o",
+    ]
     assert_error(args, "language model config", "no rope_theta given")
     assert not (tmp_path / "o").exists()
 
@@ -629,4 +654,6 @@ def test_contradictory_or_incomplete_lm_settings_are_errors(tiny, tmp_path, chan
 def test_only_minicpm_uses_navit_position_ids(tiny, name):
     vision = json.loads((tiny.converted(name) / "config.json").read_text())["vision_config"]
     navit = name in ("minicpm", "llama3v")
-    assert (vision["variant"], vision["strip_positions"]) == (("navit", True) if navit else ("siglip", False))
+    assert (vision["variant"], vision["strip_positions"]) == (
+        ("navit", True) if navit else ("siglip", False)
+    )

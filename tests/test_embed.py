@@ -412,7 +412,15 @@ def test_verify_names_a_corrupted_shard(models, photos, tmp_path):
 # ------------------------------------------------------------------ interruption
 def start_embed(args, delay: float):
     hook = str(Path(__file__).with_name("run_with_hook.py"))
-    cmd = [sys.executable, hook, "embed-delay", str(delay), "mlx_llama3v.embed", *map(str, args), "--no-progress"]
+    cmd = [
+        sys.executable,
+        hook,
+        "embed-delay",
+        str(delay),
+        "mlx_llama3v.embed",
+        *map(str, args),
+        "--no-progress",
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
@@ -492,8 +500,10 @@ def test_killed_run_resumes_into_the_same_cache(models, tmp_path):
     }, "no stray shard files"
     assert verify(cache_dir) == (30, [])
     assert_same_content(cache_content(cache_dir), cache_content(reference), tol=1e-3)
-    digests = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-                         for p in (d / "shards").glob("*.safetensors")}
+    digests = lambda d: {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+        for p in (d / "shards").glob("*.safetensors")
+    }
     assert digests(cache_dir) == digests(reference), "killed twice, yet byte-identical shards"
 
 

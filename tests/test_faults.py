@@ -43,7 +43,9 @@ def assert_one_error(app, args, *fragments):
 
 def leftovers(folder: Path):
     """Hidden temporary files or folders (``.name.partial-PID``, ``.name.tmp-PID``)."""
-    return sorted(p.name for p in Path(folder).rglob(".*") if ".partial-" in p.name or ".tmp-" in p.name)
+    return sorted(
+        p.name for p in Path(folder).rglob(".*") if ".partial-" in p.name or ".tmp-" in p.name
+    )
 
 
 # ------------------------------------------------------------------ unwritable outputs
@@ -52,12 +54,15 @@ def test_outputs_under_a_regular_file(tiny_setup, tmp_path):
     blocker.write_text("not a folder")
     src = tiny_setup.ckpt.path
     assert_one_error(
-        convert_app, ["--hf-path", src, "--mlx-path", blocker / "out", "--dtype", "float32"],
-        f"{blocker / 'out'}: cannot write the output", f"{blocker} is a file, not a folder",
+        convert_app,
+        ["--hf-path", src, "--mlx-path", blocker / "out", "--dtype", "float32"],
+        f"{blocker / 'out'}: cannot write the output",
+        f"{blocker} is a file, not a folder",
     )
     adapters = make_adapters(tiny_setup.model, tmp_path / "adapters")
     assert_one_error(
-        fuse_app, ["-m", tiny_setup.model, "--adapter-path", adapters, "--save-path", blocker / "fused"],
+        fuse_app,
+        ["-m", tiny_setup.model, "--adapter-path", adapters, "--save-path", blocker / "fused"],
         f"{blocker / 'fused'}: cannot write the output",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "adapters"]
@@ -66,7 +71,8 @@ def test_outputs_under_a_regular_file(tiny_setup, tmp_path):
 
 def test_outputs_under_proc(tiny_setup):
     assert_one_error(
-        convert_app, ["--hf-path", tiny_setup.ckpt.path, "--mlx-path", "/proc/mlx-llama3v-out"],
+        convert_app,
+        ["--hf-path", tiny_setup.ckpt.path, "--mlx-path", "/proc/mlx-llama3v-out"],
         "/proc/mlx-llama3v-out: cannot write the output",
     )
 
@@ -74,7 +80,9 @@ def test_outputs_under_proc(tiny_setup):
 def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "state.json"
     write_json(target, {"step": 1})
-    with pytest.raises(OutputError, match=r"under-a-file: cannot write the output \(.*state.json is a file"):
+    with pytest.raises(
+        OutputError, match=r"under-a-file: cannot write the output \(.*state.json is a file"
+    ):
         write_atomic(tmp_path / "state.json" / "under-a-file", b"x")
     assert json.loads(target.read_text()) == {"step": 1} and leftovers(tmp_path) == []
 
@@ -86,7 +94,9 @@ def _can_unshare() -> bool:
     return proc.returncode == 0
 
 
-needs_unshare = pytest.mark.skipif(not _can_unshare(), reason="no user/mount namespaces here (unshare -rm)")
+needs_unshare = pytest.mark.skipif(
+    not _can_unshare(), reason="no user/mount namespaces here (unshare -rm)"
+)
 
 
 def in_tmpfs(mount: Path, options: str, command: str, tmp_path: Path, read_only=False):
@@ -96,11 +106,15 @@ def in_tmpfs(mount: Path, options: str, command: str, tmp_path: Path, read_only=
     remount = f"mount -o remount,ro {mount} && " if read_only else ""
     script = (
         f"mount -t tmpfs -o {options} tmpfs {mount} && mkdir -p {mount}/sub && {remount}"
-        f"{command}; echo \"rc=$?\"; ls -A {mount} {mount}/sub"
+        f'{command}; echo "rc=$?"; ls -A {mount} {mount}/sub'
     )
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     return subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600, env=env,
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
         cwd=tmp_path,
     )
 
@@ -120,7 +134,10 @@ def test_convert_and_fuse_on_a_full_or_read_only_disk(tiny_setup, tmp_path, faul
         proc = in_tmpfs(mount, options, command, tmp_path, read_only=fault == "read-only")
         err = proc.stderr.strip()
         assert "rc=2" in proc.stdout, (proc.stdout, err)
-        assert err.startswith(f"error: {mount}/sub/{name}: cannot write the output") and "\n" not in err, err
+        assert (
+            err.startswith(f"error: {mount}/sub/{name}: cannot write the output")
+            and "\n" not in err
+        ), err
         reason = "No space left on device" if fault == "full" else "Read-only file system"
         assert err.endswith(f"({reason})"), err
         listing = proc.stdout.split("rc=2", 1)[1].split()
@@ -137,7 +154,9 @@ def test_train_on_a_full_disk_leaves_no_temporary_checkpoint(tiny_setup, tmp_pat
     proc = in_tmpfs(mount, "size=24k", command, tmp_path)
     err = proc.stderr.strip().splitlines()[-1]
     assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
-    assert err.startswith(f"error: {mount}/sub/run") and "cannot write the output" in err, proc.stderr
+    assert err.startswith(f"error: {mount}/sub/run") and "cannot write the output" in err, (
+        proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert ".tmp-" not in proc.stdout and ".partial-" not in proc.stdout, proc.stdout
 
@@ -181,7 +200,8 @@ def test_a_damaged_adapter_file_is_one_error_naming_it(tiny_setup, tmp_path, how
     args = ["--model", tiny_setup.model, "--adapter-path", folder, "--prompt", "Hi"]
     assert_one_error(generate_app, args, str(folder / file))
     assert_one_error(
-        fuse_app, ["-m", tiny_setup.model, "--adapter-path", folder, "--save-path", tmp_path / "fused"],
+        fuse_app,
+        ["-m", tiny_setup.model, "--adapter-path", folder, "--save-path", tmp_path / "fused"],
         str(folder / file),
     )
     assert not (tmp_path / "fused").exists() and leftovers(tmp_path) == []
@@ -213,13 +233,27 @@ def test_embed_and_train_outputs_under_a_regular_file(tiny_setup, tmp_path):
     blocker.write_text("")
     images = tiny_setup.images[0].parent
     assert_one_error(
-        embed_app, ["--model", tiny_setup.model, "--images", images, "--out", blocker / "cache"],
+        embed_app,
+        ["--model", tiny_setup.model, "--images", images, "--out", blocker / "cache"],
         f"{blocker / 'cache'}: cannot write the output ({blocker} is a file, not a folder)",
     )
     assert_one_error(
         train_app,
-        ["--model", tiny_setup.model, "--data", tiny_setup.data, "--out", blocker / "run",
-         "--stage", "pretrain", "--iters", "1", "--batch-size", "1", "--no-progress"],
+        [
+            "--model",
+            tiny_setup.model,
+            "--data",
+            tiny_setup.data,
+            "--out",
+            blocker / "run",
+            "--stage",
+            "pretrain",
+            "--iters",
+            "1",
+            "--batch-size",
+            "1",
+            "--no-progress",
+        ],
         f"{blocker / 'run'}: cannot write the output ({blocker} is a file, not a folder)",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
@@ -233,8 +267,10 @@ def test_embed_strict_leaves_no_empty_cache(tiny_setup, tmp_path):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     out = tmp_path / "cache"
     assert_one_error(
-        embed_app, ["--model", tiny_setup.model, "--images", images, "--out", out, "--strict"],
-        "broken.png", "(--strict)",
+        embed_app,
+        ["--model", tiny_setup.model, "--images", images, "--out", out, "--strict"],
+        "broken.png",
+        "(--strict)",
     )
     assert not out.exists()
 
@@ -251,8 +287,23 @@ def test_features_from_another_model_are_one_settings_error(tiny_setup, tmp_path
     out = tmp_path / "run"
     err = assert_one_error(
         train_app,
-        ["--model", tiny_setup.model, "--data", tiny_setup.data, "--features", tmp_path / "feats",
-         "--out", out, "--stage", "pretrain", "--iters", "1", "--batch-size", "1", "--no-progress"],
+        [
+            "--model",
+            tiny_setup.model,
+            "--data",
+            tiny_setup.data,
+            "--features",
+            tmp_path / "feats",
+            "--out",
+            out,
+            "--stage",
+            "pretrain",
+            "--iters",
+            "1",
+            "--batch-size",
+            "1",
+            "--no-progress",
+        ],
         f"{tmp_path / 'feats'}: the feature cache was made with other settings than",
         "vision_fingerprint",
     )

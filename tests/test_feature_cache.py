@@ -114,14 +114,24 @@ def flip(path: Path, at: int = -5) -> None:
 def run_embed(*args):
     return subprocess.run(
         [sys.executable, "-m", "mlx_llama3v.embed", *map(str, args), "--no-progress"],
-        capture_output=True, text=True, timeout=180, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
     )
 
 
 def test_a_rerun_heals_missing_and_damaged_shards(models, tmp_path):  # noqa: F811
     folder = tmp_path / "imgs"
     write_images(folder, 10, sizes=((30, 20), (18, 26)))
-    args = ["--model", models["bunny"], "--images", folder, "--shard-size", "0.001"]  # 1 image a shard
+    args = [
+        "--model",
+        models["bunny"],
+        "--images",
+        folder,
+        "--shard-size",
+        "0.001",
+    ]  # 1 image a shard
     assert run_embed(*args, "--out", tmp_path / "ref").returncode == 0
     cache_dir = tmp_path / "hurt"
     shutil.copytree(tmp_path / "ref", cache_dir)
@@ -154,7 +164,9 @@ def test_a_rerun_after_an_edit_reads_only_the_changed_shard(models, tmp_path, mo
     embed(models["bunny"], folder, tmp_path / "c", shard_size_mb=0.001)
     checked = []
     real = cache_mod._check_file
-    monkeypatch.setattr(cache_mod, "_check_file", lambda p, *a: checked.append(p.name) or real(p, *a))
+    monkeypatch.setattr(
+        cache_mod, "_check_file", lambda p, *a: checked.append(p.name) or real(p, *a)
+    )
     embed(models["bunny"], folder, tmp_path / "c", shard_size_mb=0.001)
     assert checked == [], "unchanged shards are trusted by size and mtime"
     shard = sorted((tmp_path / "c" / "shards").glob("*.safetensors"))[2]
@@ -164,7 +176,11 @@ def test_a_rerun_after_an_edit_reads_only_the_changed_shard(models, tmp_path, mo
 
 
 # ------------------------------------------------------------------ determinism
-def test_shards_are_byte_identical_whatever_the_timing_and_interruptions(models, tmp_path, monkeypatch):  # noqa: F811
+def test_shards_are_byte_identical_whatever_the_timing_and_interruptions(
+    models,  # noqa: F811  (the fixture imported from test_embed)
+    tmp_path,
+    monkeypatch,
+):
     folder = tmp_path / "imgs"
     write_images(folder, 14, seed=5)  # MiniCPM slices these into tiles of several shapes
     opts = dict(batch_size=3, dtype="float16", shard_size_mb=0.01)
@@ -201,7 +217,9 @@ def test_shards_are_byte_identical_whatever_the_timing_and_interruptions(models,
             interrupted.append(len(shard_digests(tmp_path / "run")))
     assert interrupted == [1, 2], "killed after one shard, then after one more"
     assert shard_digests(tmp_path / "run") == reference
-    index = lambda p: [(r["name"], r["sha256"]) for r in json.loads((p / "index.json").read_text())["shards"]]  # noqa: E731
+    index = lambda p: [
+        (r["name"], r["sha256"]) for r in json.loads((p / "index.json").read_text())["shards"]
+    ]  # noqa: E731
     assert index(tmp_path / "run") == index(tmp_path / "ref")
 
 
@@ -213,7 +231,9 @@ def tiny(tmp_path_factory):
 
 def pictures_and_data(tiny, tmp_path):
     shutil.copytree(tiny.root / "img", tmp_path / "pics")
-    data = write_jsonl(tmp_path / "train.jsonl", [llava(i, image=f"pics/{i % 6}.png") for i in range(8)])
+    data = write_jsonl(
+        tmp_path / "train.jsonl", [llava(i, image=f"pics/{i % 6}.png") for i in range(8)]
+    )
     return tmp_path / "pics", data
 
 
@@ -237,7 +257,9 @@ def test_training_from_the_cache_opens_no_image_file(tiny, tmp_path, monkeypatch
 
     monkeypatch.setattr(data_mod, "load_image", no_images)
     monkeypatch.setattr(features_mod, "preprocess_image", no_images)
-    cached = train(cached_config(tiny, tmp_path, data, "cached", tmp_path / "cache"), log=lambda s: None)
+    cached = train(
+        cached_config(tiny, tmp_path, data, "cached", tmp_path / "cache"), log=lambda s: None
+    )
     assert cached.train_report.kept == 8
     a, b = read_losses(live.out), read_losses(cached.out)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -272,10 +294,19 @@ def test_embed_lists_images_of_every_training_format(tmp_path):
     imgs = write_images(tmp_path / "imgs", 3)
     rel = [str(p.relative_to(tmp_path)) for p in imgs]
     minicpm = tmp_path / "minicpm.json"
-    minicpm.write_text(json.dumps([
-        {"id": "0", "image": rel[0], "conversations": []},
-        {"id": "1", "image": {"<image_00>": rel[1], "<image_01>": rel[2]}, "conversations": []},
-    ], indent=2))
+    minicpm.write_text(
+        json.dumps(
+            [
+                {"id": "0", "image": rel[0], "conversations": []},
+                {
+                    "id": "1",
+                    "image": {"<image_00>": rel[1], "<image_01>": rel[2]},
+                    "conversations": [],
+                },
+            ],
+            indent=2,
+        )
+    )
     assert list_images(minicpm) == imgs
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"image": r, "conversations": []} for r in reversed(rel)])
@@ -301,17 +332,23 @@ def test_a_dataset_with_images_inside_embeds_and_trains_from_the_cache(tiny, tmp
         }
         for i in range(8)
     ]
-    features = datasets.Features({
-        "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "conversations": [
+                {"from": datasets.Value("string"), "value": datasets.Value("string")}
+            ],
+        }
+    )
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "ds"))
     summary = embed(str(tiny.model), str(tmp_path / "ds"), str(tmp_path / "cache"), dtype="float32")
     assert (summary.listed, summary.unique, summary.encoded) == (8, 6, 6)
     assert verify(tmp_path / "cache") == (1, [])
     live = train(cached_config(tiny, tmp_path, tmp_path / "ds", "live"), log=lambda s: None)
-    cached = train(cached_config(tiny, tmp_path, tmp_path / "ds", "cached", tmp_path / "cache"),
-                   log=lambda s: None)
+    cached = train(
+        cached_config(tiny, tmp_path, tmp_path / "ds", "cached", tmp_path / "cache"),
+        log=lambda s: None,
+    )
     a, b = read_losses(live.out), read_losses(cached.out)
     np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=1e-4)
 

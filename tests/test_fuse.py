@@ -28,7 +28,9 @@ def make_adapters(model_path, folder, **tune):
     """Adapters with random, non-zero weights, saved as training saves them."""
     model, _ = load(model_path)
     mx.random.seed(0)
-    config = TuneConfig(lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}, **tune)
+    config = TuneConfig(
+        lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}, **tune
+    )
     prepare_model(model, config)
     rng = np.random.default_rng(1)
     for name, p in tree_flatten(model.trainable_parameters()):
@@ -44,7 +46,9 @@ def logits(model, processor, image):
 
 
 def with_adapters(model_path, folder):
-    model, processor = load(model_path, adapter_path=str(folder) if (folder / "adapter_config.json").exists() else None)
+    model, processor = load(
+        model_path, adapter_path=str(folder) if (folder / "adapter_config.json").exists() else None
+    )
     if (folder / "projector.safetensors").exists():
         load_projector(model, folder / "projector.safetensors")
     return model, processor
@@ -52,8 +56,12 @@ def with_adapters(model_path, folder):
 
 @pytest.mark.parametrize(
     "tune",
-    [dict(), dict(fine_tune_type="dora", train_projector=True), dict(fine_tune_type="full", num_layers=1),
-     dict(stage="pretrain")],
+    [
+        dict(),
+        dict(fine_tune_type="dora", train_projector=True),
+        dict(fine_tune_type="full", num_layers=1),
+        dict(stage="pretrain"),
+    ],
     ids=["lora", "dora+projector", "full", "projector-only"],
 )
 def test_fused_model_computes_what_base_plus_adapters_compute(tiny, tmp_path, tune):
@@ -86,12 +94,32 @@ def test_qlora_fuse_keeps_or_drops_quantization(tiny, tmp_path):
 
 def test_command_line_errors_are_one_line(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(app, ["-m", str(tiny.model), "--adapter-path", str(tmp_path / "empty"),
-                                      "--save-path", str(tmp_path / "x")])
-    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "not an adapter folder" in result.stderr
+    result = CliRunner().invoke(
+        app,
+        [
+            "-m",
+            str(tiny.model),
+            "--adapter-path",
+            str(tmp_path / "empty"),
+            "--save-path",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and result.stderr.startswith("error: ")
+        and "not an adapter folder" in result.stderr
+    )
     adapters = make_adapters(tiny.model, tmp_path / "adapters")
     (tmp_path / "taken").mkdir()
-    args = ["-m", str(tiny.model), "--adapter-path", str(adapters), "--save-path", str(tmp_path / "taken")]
+    args = [
+        "-m",
+        str(tiny.model),
+        "--adapter-path",
+        str(adapters),
+        "--save-path",
+        str(tmp_path / "taken"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "already exists" in result.stderr
     result = CliRunner().invoke(app, args + ["--force"])
@@ -108,7 +136,9 @@ def test_fuse_from_a_hub_id_copies_the_converted_tokenizer(tiny, tmp_path, monke
     monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(loading, "download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
     adapters = make_adapters(tiny.model, tmp_path / "adapters")
-    result = CliRunner().invoke(app, ["-m", repo, "--adapter-path", str(adapters), "--save-path", str(tmp_path / "f")])
+    result = CliRunner().invoke(
+        app, ["-m", repo, "--adapter-path", str(adapters), "--save-path", str(tmp_path / "f")]
+    )
     assert result.exit_code == 0, result.stderr
     out, converted = tmp_path / "f", tmp_path / "cache" / repo.replace("/", "--")
     assert (converted / "config.json").exists(), "the download was converted into the cache"
@@ -118,7 +148,10 @@ def test_fuse_from_a_hub_id_copies_the_converted_tokenizer(tiny, tmp_path, monke
     raw = json.loads((tiny.ckpt.path / "tokenizer_config.json").read_text())
     fused_config = json.loads((out / "tokenizer_config.json").read_text())
     assert raw["tokenizer_class"] == "MiniCPMVTokenizerFast" and "auto_map" in raw
-    assert fused_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in fused_config
+    assert (
+        fused_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+        and "auto_map" not in fused_config
+    )
     assert not list(out.glob("*.py")), "no remote code in the fused folder"
     image = tiny.images[2]
     expected = logits(*with_adapters(converted, adapters), image)

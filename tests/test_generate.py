@@ -546,18 +546,38 @@ def test_a_hub_model_without_network_fails_with_one_line(tmp_path):
 
 
 def test_a_nonexistent_model_is_named(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLX_LLAMA3V_CACHE": str(tmp_path / "c")}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "MLX_LLAMA3V_CACHE": str(tmp_path / "c"),
+    }
     proc = run_cli("--model", "nonexistent", "--prompt", "Hi", env=env)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: nonexistent: no such local folder") and proc.stderr.count("\n") == 1
+    assert (
+        proc.stderr.startswith("error: nonexistent: no such local folder")
+        and proc.stderr.count("\n") == 1
+    )
 
 
 def test_stdout_that_cannot_be_written_is_one_error(tiny):
     _, out, _, _ = tiny.get("minicpm_v2_5")
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
-            [sys.executable, "-m", "mlx_llama3v.generate", "--model", str(out), "--prompt", "Hi", "-m", "4"],
-            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "mlx_llama3v.generate",
+                "--model",
+                str(out),
+                "--prompt",
+                "Hi",
+                "-m",
+                "4",
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
         )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: cannot write the output to stdout: No space left on device\n"
@@ -572,9 +592,14 @@ def test_the_prompt_from_a_file_or_stdin(tiny, tmp_path):
     assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
     proc = run_cli("--model", out, "--prompt-file", "-", "-m", N, input=question)
     assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
-    assert_error(["--model", out, "--prompt-file", tmp_path / "none.txt"], "none.txt: prompt file not found")
+    assert_error(
+        ["--model", out, "--prompt-file", tmp_path / "none.txt"], "none.txt: prompt file not found"
+    )
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
-    assert_error(["--model", out, "--prompt-file", tmp_path / "bin.txt"], "bin.txt: the prompt file is not UTF-8")
+    assert_error(
+        ["--model", out, "--prompt-file", tmp_path / "bin.txt"],
+        "bin.txt: the prompt file is not UTF-8",
+    )
 
 
 # ------------------------------------------------------------------ package

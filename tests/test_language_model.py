@@ -44,7 +44,9 @@ def test_rope_scaling_changes_the_result():
 def test_legacy_rope_keys_are_read():
     cfg = normalize_text_config(dict(TEXT, rope_theta=5e5, rope_scaling=LLAMA31_ROPE))
     assert cfg["rope_theta"] == 5e5 and cfg["rope_scaling"] == ROPE_31
-    new = normalize_text_config(dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+    new = normalize_text_config(
+        dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    )
     assert new["rope_theta"] == 5e5 and "rope_scaling" not in new
 
 
@@ -66,8 +68,10 @@ def test_every_rope_schema_gives_one_form():
         dict(TEXT, rope_scaling=dict(ROPE_31)),
         dict(TEXT, rope_scaling=dict(scaled, type="llama3")),
         dict(TEXT, rope_scaling=dict(scaled, type="llama3", rope_type="llama3")),
-        {**{k: v for k, v in TEXT.items() if k != "rope_theta"},
-         "rope_parameters": dict(ROPE_31, rope_theta=TEXT["rope_theta"])},
+        {
+            **{k: v for k, v in TEXT.items() if k != "rope_theta"},
+            "rope_parameters": dict(ROPE_31, rope_theta=TEXT["rope_theta"]),
+        },
         dict(TEXT, rope_parameters=dict(ROPE_31, rope_theta=TEXT["rope_theta"])),
     ]
     out = [normalize_text_config(f) for f in forms]
@@ -77,8 +81,10 @@ def test_every_rope_schema_gives_one_form():
     plain = [
         dict(TEXT, rope_scaling=None),
         dict(TEXT, rope_scaling={"rope_type": "default"}),
-        {**{k: v for k, v in TEXT.items() if k != "rope_theta"},
-         "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+        {
+            **{k: v for k, v in TEXT.items() if k != "rope_theta"},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+        },
     ]
     assert all("rope_scaling" not in normalize_text_config(f) for f in plain)
 
@@ -87,7 +93,10 @@ def test_every_rope_schema_gives_one_form():
     "change,message",
     [
         (dict(rope_theta=None), "no rope_theta given"),
-        (dict(rms_norm_eps=None, num_key_value_heads=None), "no num_key_value_heads, rms_norm_eps given"),
+        (
+            dict(rms_norm_eps=None, num_key_value_heads=None),
+            "no num_key_value_heads, rms_norm_eps given",
+        ),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "disagree"),
         (dict(rope_scaling={"type": "linear", "rope_type": "llama3", "factor": 2.0}), "disagree"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks low_freq_factor"),
@@ -104,7 +113,12 @@ def test_missing_or_contradictory_rope_and_norm_settings_are_errors(change, mess
 def test_missing_fields_come_from_the_tensors_then_the_published_values():
     cfg = {k: v for k, v in TEXT.items() if k not in ("rope_theta", "rms_norm_eps", "vocab_size")}
     out = normalize_text_config(
-        cfg, derived={"vocab_size": 77}, published={"vocab_size": 1, "rope_theta": 5e5, "rms_norm_eps": 1e-5}
+        cfg,
+        derived={"vocab_size": 77},
+        published={"vocab_size": 1, "rope_theta": 5e5, "rms_norm_eps": 1e-5},
     )
     assert (out["vocab_size"], out["rope_theta"], out["rms_norm_eps"]) == (77, 5e5, 1e-5)
-    assert normalize_text_config(TEXT, published={"rope_theta": 1.0})["rope_theta"] == TEXT["rope_theta"]
+    assert (
+        normalize_text_config(TEXT, published={"rope_theta": 1.0})["rope_theta"]
+        == TEXT["rope_theta"]
+    )

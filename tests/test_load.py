@@ -117,4 +117,3 @@ def test_a_missing_adapter_folder_is_one_clear_error(bunny):
 
     with pytest.raises(AdapterError, match="adapter folder not found"):
         load(bunny[1], adapter_path="adapters")
-

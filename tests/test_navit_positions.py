@@ -116,7 +116,9 @@ def test_only_minicpm_strips_use_the_440_formula():
     siglip = VisionConfig.from_dict(dict(NAVIT, variant="siglip"))
     assert (strip.navit_coords, grid.navit_coords) == ("arange", "clamp")
     # a tile's strip ids come from its patch count; the fixed-size SigLIP table is 0..N-1
-    strip70 = VisionConfig.from_dict(dict(NAVIT, image_size=SIDE * 4, variant="navit", strip_positions=True))
+    strip70 = VisionConfig.from_dict(
+        dict(NAVIT, image_size=SIDE * 4, variant="navit", strip_positions=True)
+    )
     np.testing.assert_array_equal(position_ids_for((28, 37), strip70), ids_440(1036))
     np.testing.assert_array_equal(position_ids_for((10, 10), siglip), np.arange(100))
     with pytest.raises(ValueError, match="navit_coords"):
@@ -135,7 +137,9 @@ def test_tower_features_of_a_tied_tile_match_the_440_reference():
     out = tower(batch)
     with torch.no_grad():
         today = hf(pixel_values=x, patch_attention_mask=mask).last_hidden_state
-        trained = with_440_positions(hf)(pixel_values=x, patch_attention_mask=mask).last_hidden_state
+        trained = with_440_positions(hf)(
+            pixel_values=x, patch_attention_mask=mask
+        ).last_hidden_state
     for i, (ref, n) in enumerate(zip(valid_rows(trained, mask), batch.lengths)):
         assert_close(out[i, :n], ref)
     a, b = np.array(out[0, :1036]), valid_rows(today, mask)[0].numpy()

@@ -39,7 +39,14 @@ def test_path_str_pathlike_bytes_fileobj_pil(tmp_path):
     src = Image.new("RGB", (7, 5), (10, 200, 30))
     path = tmp_path / "a.png"
     src.save(path)
-    for s in (str(path), path, path.read_bytes(), bytearray(path.read_bytes()), open(path, "rb"), src):
+    for s in (
+        str(path),
+        path,
+        path.read_bytes(),
+        bytearray(path.read_bytes()),
+        open(path, "rb"),
+        src,
+    ):
         out = load_image(s)
         assert out.size == (7, 5)
         assert np.all(_rgb(out) == (10, 200, 30))
@@ -209,7 +216,9 @@ def test_animation_first_frame(tmp_path):
 
 def _png_header_only(width, height):
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
@@ -222,7 +231,9 @@ def test_pixel_limit_checked_before_decoding(tmp_path):
     with pytest.raises(ImageError) as e:
         load_image(path)
     msg = str(e.value)
-    assert msg.startswith(str(path)) and "9000x8000" in msg and "megapixels" in msg and "\n" not in msg
+    assert (
+        msg.startswith(str(path)) and "9000x8000" in msg and "megapixels" in msg and "\n" not in msg
+    )
 
 
 def test_pixel_limit_override():
@@ -254,7 +265,9 @@ def test_corrupt_files(tmp_path):
         load_image(garbage)
     assert str(e.value).startswith(str(garbage))
 
-    data = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    data = _png_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    )
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError) as e:
@@ -296,7 +309,12 @@ def test_families_match_config():
 
 def test_default_processor_configs():
     m = default_processor_config("minicpm_v2_5")
-    assert (m["image_size"], m["tokens_per_tile"], m["slice"], m["max_slices"]) == (448, 96, True, 9)
+    assert (m["image_size"], m["tokens_per_tile"], m["slice"], m["max_slices"]) == (
+        448,
+        96,
+        True,
+        9,
+    )
     s = default_processor_config("siglip_llama3")
     assert (s["image_size"], s["tokens_per_tile"], s["slice"]) == (384, 729, False)
     assert (s["text_start"], s["text_end"]) == ("<text>", "</text>")
@@ -308,9 +326,21 @@ def test_default_processor_configs():
 
 
 def test_resolve_processor_config():
-    cfg = resolve_processor_config({"family": "minicpm_v2_5", "scale_resolution": 336,
-                                    "max_slice_nums": 4, "query_num": 64, "extra": 1})
-    assert (cfg["image_size"], cfg["max_slices"], cfg["tokens_per_tile"], cfg["extra"]) == (336, 4, 64, 1)
+    cfg = resolve_processor_config(
+        {
+            "family": "minicpm_v2_5",
+            "scale_resolution": 336,
+            "max_slice_nums": 4,
+            "query_num": 64,
+            "extra": 1,
+        }
+    )
+    assert (cfg["image_size"], cfg["max_slices"], cfg["tokens_per_tile"], cfg["extra"]) == (
+        336,
+        4,
+        64,
+        1,
+    )
     assert resolve_processor_config(None, family="bunny")["family"] == "bunny"
     with pytest.raises(ValueError, match="family"):
         resolve_processor_config({})
@@ -372,7 +402,7 @@ def test_siglip_llama3_tiling():
     assert len(out.tiles) == 4 and all(t.shape == (384, 384, 3) for t in out.tiles)
     refined = np.asarray(img.resize((1152, 384), Image.BICUBIC), np.float32) / 255 * 2 - 1
     for i in range(3):
-        np.testing.assert_allclose(out.tiles[1 + i], refined[:, 384 * i:384 * (i + 1)], atol=1e-6)
+        np.testing.assert_allclose(out.tiles[1 + i], refined[:, 384 * i : 384 * (i + 1)], atol=1e-6)
     small = preprocess_image(_noise(300, 200), {"family": "siglip_llama3", "slice": True})
     assert small.grid is None and len(small.tiles) == 1
 
@@ -388,8 +418,12 @@ def test_bunny_pads_with_grey_then_resizes():
     np.testing.assert_allclose(tile[-1, -1], [grey] * 3, atol=1e-6)
     np.testing.assert_allclose(tile[192, 192], [1.0, -1.0, -1.0], atol=1e-6)
     # the band is centred: 100 rows of 300 start at row 100 -> 128..256 of 384
-    assert np.allclose(tile[120, 192], grey, atol=1e-6) and np.allclose(tile[136, 192], [1, -1, -1], atol=1e-6)
-    assert np.allclose(tile[264, 192], grey, atol=1e-6) and np.allclose(tile[248, 192], [1, -1, -1], atol=1e-6)
+    assert np.allclose(tile[120, 192], grey, atol=1e-6) and np.allclose(
+        tile[136, 192], [1, -1, -1], atol=1e-6
+    )
+    assert np.allclose(tile[264, 192], grey, atol=1e-6) and np.allclose(
+        tile[248, 192], [1, -1, -1], atol=1e-6
+    )
 
 
 def test_expand_to_square_offsets():
@@ -412,7 +446,9 @@ def test_preprocess_loads_any_source(tmp_path):
 
 
 def test_lazily_opened_truncated_pil_image(tmp_path):
-    data = _png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)))
+    data = _png_bytes(
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8))
+    )
     lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # header read, pixels not yet
     with pytest.raises(ImageError, match="^<PIL image>: corrupt or truncated"):
         load_image(lazy)

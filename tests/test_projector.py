@@ -31,7 +31,9 @@ def load(projector, ref):
 
 def features_for(grids, vision: dict, width: int, seed: int = 0):
     """Random vision features laid out as a padded TileBatch of the given grids."""
-    batch = make_tile_batch(random_tiles(grids, vision["patch_size"]), VisionConfig.from_dict(vision))
+    batch = make_tile_batch(
+        random_tiles(grids, vision["patch_size"]), VisionConfig.from_dict(vision)
+    )
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((len(grids), batch.patches.shape[1], width)).astype(np.float32)
     return mx.array(x), torch.from_numpy(x), batch
@@ -47,7 +49,9 @@ def test_sincos_table_matches_formula(dims):
 @pytest.mark.parametrize("text_width,queries", [(128, 8), (256, 16)])
 def test_resampler_matches_reference_with_key_padding(text_width, queries):
     ref = randomize(TorchResampler(queries, text_width, 32), seed=3)
-    cfg = ProjectorConfig(kind="resampler", vision_hidden_size=32, text_hidden_size=text_width, num_queries=queries)
+    cfg = ProjectorConfig(
+        kind="resampler", vision_hidden_size=32, text_hidden_size=text_width, num_queries=queries
+    )
     proj = load(build_projector(cfg), ref)
     x, xt, batch = features_for(GRIDS, dict(NAVIT, variant="navit"), 32)
     assert batch.padded
@@ -57,7 +61,9 @@ def test_resampler_matches_reference_with_key_padding(text_width, queries):
 
 
 def test_resampler_ignores_padding_content():
-    cfg = ProjectorConfig(kind="resampler", vision_hidden_size=32, text_hidden_size=128, num_queries=4)
+    cfg = ProjectorConfig(
+        kind="resampler", vision_hidden_size=32, text_hidden_size=128, num_queries=4
+    )
     proj = load(build_projector(cfg), randomize(TorchResampler(4, 128, 32), seed=4))
     x, _, batch = features_for(GRIDS, dict(NAVIT, variant="navit"), 32)
     noise = mx.where(mx.array(batch.valid())[..., None], 0.0, 100.0)
@@ -67,8 +73,12 @@ def test_resampler_ignores_padding_content():
 def test_attention_projector_matches_reference():
     ref = randomize(TorchAttentionProjector(32, 4, 64, 256), seed=5)
     cfg = ProjectorConfig(
-        kind="attention", vision_hidden_size=32, text_hidden_size=256,
-        num_layers=2, num_attention_heads=4, intermediate_size=64,
+        kind="attention",
+        vision_hidden_size=32,
+        text_hidden_size=256,
+        num_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
     )
     proj = load(build_projector(cfg), ref)
     x, xt, batch = features_for([(6, 6)] * 2, dict(SIGLIP, variant="siglip"), 32)

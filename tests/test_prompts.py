@@ -67,15 +67,36 @@ def test_minicpm_split_image_exact_ids(tok):
     assert out.grids == [(3, 2)] and out.tiles_per_image == [7]
 
     bos, sh, eh, eot, im, im_end, unk, sl, sl_end = ids_of(
-        tok, "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-        "<image>", "</image>", "<unk>", "<slice>", "</slice>")
+        tok,
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<image>",
+        "</image>",
+        "<unk>",
+        "<slice>",
+        "</slice>",
+    )
     block = [im] + [unk] * 96 + [im_end]
     row = block * 3
     expected = (
-        [bos, sh] + enc(tok, "user") + [eh] + enc(tok, "\n\n")
-        + block + [sl] + row + enc(tok, "\n") + row + [sl_end]
-        + enc(tok, "\nWhat is in this image?") + [eot]
-        + [sh] + enc(tok, "assistant") + [eh] + enc(tok, "\n\n")
+        [bos, sh]
+        + enc(tok, "user")
+        + [eh]
+        + enc(tok, "\n\n")
+        + block
+        + [sl]
+        + row
+        + enc(tok, "\n")
+        + row
+        + [sl_end]
+        + enc(tok, "\nWhat is in this image?")
+        + [eot]
+        + [sh]
+        + enc(tok, "assistant")
+        + [eh]
+        + enc(tok, "\n\n")
     )
     assert out.input_ids.dtype == np.int32
     assert out.input_ids.tolist() == expected
@@ -83,7 +104,12 @@ def test_minicpm_split_image_exact_ids(tok):
     # the same, from the string the reference notes describe
     text = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + _block() + "<slice>" + _block() * 3 + "\n" + _block() * 3 + "</slice>"
+        + _block()
+        + "<slice>"
+        + _block() * 3
+        + "\n"
+        + _block() * 3
+        + "</slice>"
         + "\nWhat is in this image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     assert out.input_ids.tolist() == enc(tok, text)
@@ -146,14 +172,26 @@ def test_images_without_parts_go_to_first_user_message(tok):
 
 def test_two_images_in_one_message(tok):
     big, small = _noise(1000, 500, 1), _noise(200, 300, 2)
-    msgs = [{"role": "user", "content": [
-        {"type": "image", "image": big}, {"type": "image", "image": small},
-        {"type": "text", "text": "Compare them."}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": big},
+                {"type": "image", "image": small},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
     out = build_prompt(msgs, tok, MINICPM)
     assert out.grids == [(2, 1), None] and out.tiles_per_image == [3, 1]
     text = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + _block() + "<slice>" + _block() * 2 + "</slice>" + "\n" + _block()
+        + _block()
+        + "<slice>"
+        + _block() * 2
+        + "</slice>"
+        + "\n"
+        + _block()
         + "\nCompare them.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     assert out.input_ids.tolist() == enc(tok, text)
@@ -182,19 +220,24 @@ def test_siglip_llama3_layout(tok):
     out = build_prompt([_user(None, "Describe it.")], tok, cfg, images=[img])
     text = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + _block(729) + "<text>Describe it.</text><|eot_id|>"
+        + _block(729)
+        + "<text>Describe it.</text><|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     assert out.input_ids.tolist() == enc(tok, text)
     assert out.tokens_per_tile == 729 and out.tiles[0].shape == (384, 384, 3)
 
-    tiled = build_prompt([_user(None, "Describe it.")], tok, dict(cfg, slice=True),
-                         images=[_noise(1000, 500)])
+    tiled = build_prompt(
+        [_user(None, "Describe it.")], tok, dict(cfg, slice=True), images=[_noise(1000, 500)]
+    )
     assert tiled.grids == [(3, 1)] and len(tiled.tiles) == 4
     assert int((tiled.input_ids == special_id("<unk>")).sum()) == 4 * 729
     text = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + _block(729) + "<slice>" + _block(729) * 3 + "</slice>"
+        + _block(729)
+        + "<slice>"
+        + _block(729) * 3
+        + "</slice>"
         + "<text>Describe it.</text><|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
     assert tiled.input_ids.tolist() == enc(tok, text)
@@ -202,12 +245,16 @@ def test_siglip_llama3_layout(tok):
 
 def test_siglip_llama3_wraps_only_user_text(tok):
     cfg = {"family": "siglip_llama3"}
-    turns = [_user(None, "Describe it."), {"role": "assistant", "content": "A cat."},
-             {"role": "user", "content": "Sure?"}]
+    turns = [
+        _user(None, "Describe it."),
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
     out = build_prompt(turns, tok, cfg, images=[_noise(50, 40)])
     text = (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-        + _block(729) + "<text>Describe it.</text><|eot_id|>"
+        + _block(729)
+        + "<text>Describe it.</text><|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n<text>Sure?</text><|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -226,7 +273,8 @@ def test_bunny_layout(plain):
     text = (
         "A chat between a curious user and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the user's questions. USER: "
-        + IMG_TOKEN * 729 + "\nWhat is this? ASSISTANT:"
+        + IMG_TOKEN * 729
+        + "\nWhat is this? ASSISTANT:"
     )
     assert out.input_ids.tolist() == [tok.bos_token_id] + enc(tok, text)
     assert out.image_token_id == special_id(IMG_TOKEN)
@@ -263,12 +311,16 @@ def test_missing_special_tokens(tmp_path, plain, tok):
     with pytest.raises(PromptError, match="<image>"):
         build_prompt([_user(None, "q")], only_unk, MINICPM, images=[_noise(20, 20)])
     # <slice> is only needed when an image is split
-    no_slice = load_tokenizer(make_llama3_tokenizer(tmp_path / "ns", extra=("<unk>", "<image>", "</image>")))
+    no_slice = load_tokenizer(
+        make_llama3_tokenizer(tmp_path / "ns", extra=("<unk>", "<image>", "</image>"))
+    )
     build_prompt([_user(None, "q")], no_slice, MINICPM, images=[_noise(20, 20)])
     with pytest.raises(PromptError, match="<slice>"):
         build_prompt([_user(None, "q")], no_slice, MINICPM, images=[_noise(1000, 500)])
     # siglip_llama3 needs <text>
-    minicpm_only = load_tokenizer(make_llama3_tokenizer(tmp_path / "m", extra=("<unk>", "<image>", "</image>")))
+    minicpm_only = load_tokenizer(
+        make_llama3_tokenizer(tmp_path / "m", extra=("<unk>", "<image>", "</image>"))
+    )
     with pytest.raises(PromptError, match="<text>"):
         build_prompt([_user("q")], minicpm_only, {"family": "siglip_llama3"})
     # bunny works with a plain Llama 3 tokenizer, not with one whose reserved_0 is renamed
@@ -288,15 +340,24 @@ def test_placeholder_count_is_verified(tok):
     with pytest.raises(PromptError, match="expected 1 tiles x 96"):
         build_prompt([_user(None, "what is <unk>?")], tok, MINICPM, images=[_noise(20, 20)])
     with pytest.raises(PromptError, match="expected 2 tiles x 729"):
-        build_prompt([_user(None, None, "x <unk>")], tok, {"family": "siglip_llama3"}, images=[_noise(9, 9)] * 2)
+        build_prompt(
+            [_user(None, None, "x <unk>")],
+            tok,
+            {"family": "siglip_llama3"},
+            images=[_noise(9, 9)] * 2,
+        )
 
 
 def test_placeholder_must_be_an_added_token(tok):
     # "a" is in the BPE vocabulary but would merge with neighbouring text ("Ġa")
     assert enc(tok, "a") == [tok.convert_tokens_to_ids("a")]
     with pytest.raises(PromptError, match="not an added special token"):
-        build_prompt([_user(None, "q")], tok, {"family": "bunny", "image_token": "a"},
-                     images=[_noise(20, 20)])
+        build_prompt(
+            [_user(None, "q")],
+            tok,
+            {"family": "bunny", "image_token": "a"},
+            images=[_noise(20, 20)],
+        )
 
 
 def test_message_errors(tok):
@@ -304,7 +365,9 @@ def test_message_errors(tok):
     with pytest.raises(PromptError, match="role"):
         build_prompt([{"role": "bot", "content": "x"}], tok, MINICPM)
     with pytest.raises(PromptError, match="only allowed in user"):
-        build_prompt([{"role": "assistant", "content": [{"type": "image"}]}], tok, MINICPM, images=[img])
+        build_prompt(
+            [{"role": "assistant", "content": [{"type": "image"}]}], tok, MINICPM, images=[img]
+        )
     with pytest.raises(PromptError, match="more image parts"):
         build_prompt([_user(None, None, "q")], tok, MINICPM, images=[img])
     with pytest.raises(PromptError, match="2 images were given"):

@@ -23,7 +23,6 @@ SHAPES = REPO / "examples" / "shapes"
 MODEL, SAMPLES = SHAPES / "model", SHAPES / "samples"
 
 
-
 def blind_accuracy(data: Path) -> dict:
     """Per question kind, the exact-match accuracy of always giving each question's most
     common answer, counted on the evaluation set itself: the best a model that ignores
@@ -51,14 +50,26 @@ def test_short_pipeline_learns_to_read_pictures(tmp_path):
     model below."""
     out, work = tmp_path / "model", tmp_path / "work"
     proc = subprocess.run(
-        [sys.executable, str(SHAPES / "build.py"), "--quick", "--out", str(out), "--work", str(work)],
-        capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            str(SHAPES / "build.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     blind = blind_accuracy(work / "test" / "data.jsonl")
-    print(f"short run: held-out accuracy {report['per_kind']} (all {report['accuracy']:.3f}); "
-          f"picture-blind {blind}")
+    print(
+        f"short run: held-out accuracy {report['per_kind']} (all {report['accuracy']:.3f}); "
+        f"picture-blind {blind}"
+    )
     assert report["per_kind"]["colour"] >= blind["colour"] + 0.25, (report, blind)
     assert report["accuracy"] >= blind["all"] - 0.05, (report, blind)
 
@@ -90,8 +101,10 @@ def test_committed_model_reads_new_pictures(tmp_path):
     on these pictures: colour 0.77, count 0.98, all 0.63 against blind 0.35, 0.37, 0.36)."""
     data = _shapes("dataset").make_split(tmp_path, 60, seed=987654, conversations=False)
     report, blind = _shapes("build").evaluate(MODEL, data), blind_accuracy(data)
-    print(f"committed model on new pictures: {report['per_kind']} (all {report['accuracy']:.3f}); "
-          f"picture-blind {blind}")
+    print(
+        f"committed model on new pictures: {report['per_kind']} (all {report['accuracy']:.3f}); "
+        f"picture-blind {blind}"
+    )
     assert report["per_kind"]["colour"] >= blind["colour"] + 0.25, (report, blind)
     assert report["per_kind"]["count"] >= blind["count"] + 0.4, (report, blind)
     assert report["accuracy"] >= blind["all"] + 0.15, (report, blind)
@@ -114,13 +127,32 @@ def test_committed_model_answers_the_samples():
 def test_readme_first_command_prints_the_right_answer():
     readme = (REPO / "README.md").read_text()
     line = next(l for l in readme.splitlines() if l.startswith("pip install -e . && "))
-    assert line.split(" && ", 1)[1] == README_COMMAND, "README's first command changed: update this test"
+    assert line.split(" && ", 1)[1] == README_COMMAND, (
+        "README's first command changed: update this test"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_llama3v.generate", "--model", str(MODEL), "--image",
-         str(SAMPLES / README_IMAGE), "--prompt", README_QUESTION],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "mlx_llama3v.generate",
+            "--model",
+            str(MODEL),
+            "--image",
+            str(SAMPLES / README_IMAGE),
+            "--prompt",
+            README_QUESTION,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
-    expected = next(qa["a"] for a in json.loads((SAMPLES / "answers.json").read_text())
-                    if a["image"] == README_IMAGE for qa in a["qa"] if qa["q"] == README_QUESTION)
+    expected = next(
+        qa["a"]
+        for a in json.loads((SAMPLES / "answers.json").read_text())
+        if a["image"] == README_IMAGE
+        for qa in a["qa"]
+        if qa["q"] == README_QUESTION
+    )
     assert proc.stdout.strip() == expected

@@ -50,7 +50,7 @@ def reference_slice(img, max_slices=9, S=448, p=14):
     tile_w, tile_h = _fit(_snap(W, cols) / cols, _snap(H, rows) / rows, S, p, True)
     refined = np.asarray(img.resize((tile_w * cols, tile_h * rows), Image.BICUBIC))
     crops = [
-        refined[r * tile_h:(r + 1) * tile_h, c * tile_w:(c + 1) * tile_w]
+        refined[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w]
         for r in range(rows)
         for c in range(cols)
     ]
@@ -63,10 +63,28 @@ def _noise_image(w, h, seed):
 
 
 FIXED_SIZES = [
-    (1, 1), (5, 3), (3, 5), (14, 14), (447, 447), (448, 448), (449, 449), (448, 449),
-    (500, 500), (640, 480), (896, 448), (1000, 500), (1000, 1000), (1344, 900),
-    (1920, 1080), (4000, 3000), (3000, 4000), (1, 4000), (4000, 1), (2, 3000),
-    (3000, 7), (1344, 1344),
+    (1, 1),
+    (5, 3),
+    (3, 5),
+    (14, 14),
+    (447, 447),
+    (448, 448),
+    (449, 449),
+    (448, 449),
+    (500, 500),
+    (640, 480),
+    (896, 448),
+    (1000, 500),
+    (1000, 1000),
+    (1344, 900),
+    (1920, 1080),
+    (4000, 3000),
+    (3000, 4000),
+    (1, 4000),
+    (4000, 1),
+    (2, 3000),
+    (3000, 7),
+    (1344, 1344),
 ]
 
 
@@ -84,7 +102,10 @@ def _random_sizes(count=40, seed=1234):
 
 def _compare(img, **kwargs):
     tiles, grid = slice_image(img, **kwargs)
-    ref_kwargs = {"max_slices": kwargs.get("max_slices", 9), "S": kwargs.get("scale_resolution", 448)}
+    ref_kwargs = {
+        "max_slices": kwargs.get("max_slices", 9),
+        "S": kwargs.get("scale_resolution", 448),
+    }
     expected, expected_grid = reference_slice(img, **ref_kwargs)
     assert grid == expected_grid, img.size
     assert len(tiles) == len(expected)
@@ -150,7 +171,7 @@ def test_crops_come_row_by_row():
     refined = np.asarray(img.resize((tw * cols, th * rows), Image.BICUBIC))
     # the last tile is the bottom-right corner, the second the top-left
     assert np.array_equal(np.asarray(tiles[1]), refined[:th, :tw])
-    assert np.array_equal(np.asarray(tiles[cols + 1]), refined[th:2 * th, :tw])
+    assert np.array_equal(np.asarray(tiles[cols + 1]), refined[th : 2 * th, :tw])
     assert np.array_equal(np.asarray(tiles[-1]), refined[-th:, -tw:])
 
 

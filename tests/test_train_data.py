@@ -73,8 +73,13 @@ def test_llava_markers_and_chat_parts_give_the_same_prompt(tiny, processor):
     b = to_messages(
         {
             "messages": [
-                {"role": "user", "content": [{"type": "image", "image": "img/0.png"},
-                                             {"type": "text", "text": "Describe the picture."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "img/0.png"},
+                        {"type": "text", "text": "Describe the picture."},
+                    ],
+                },
                 {"role": "assistant", "content": "Yes."},
             ]
         },
@@ -155,7 +160,10 @@ def bad_file(tiny):
         [
             llava(0),  # line 1: good
             llava(1, image="img/missing.png"),  # line 2
-            {"conversations": [{"from": "human", "value": "<image>\nHi"}], "image": "img/0.png"},  # 3
+            {
+                "conversations": [{"from": "human", "value": "<image>\nHi"}],
+                "image": "img/0.png",
+            },  # 3
             llava(3, question="What is in this image? " * 80),  # line 4: too long
         ],
         raw_lines=['{"messages": [oops'],  # line 5
@@ -188,8 +196,22 @@ def test_strict_stops_at_the_first_bad_record(tiny, processor):
 
 def test_strict_command_exits_2_with_one_line(tiny, tmp_path):
     path = bad_file(tiny)
-    cmd = [sys.executable, "-m", "mlx_llama3v.train", "-m", str(tiny.model), "-d", str(path),
-           "-o", str(tmp_path / "out"), "--max-length", "200", "--strict", "--iters", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_llama3v.train",
+        "-m",
+        str(tiny.model),
+        "-d",
+        str(path),
+        "-o",
+        str(tmp_path / "out"),
+        "--max-length",
+        "200",
+        "--strict",
+        "--iters",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     err = [line for line in proc.stderr.splitlines() if line.strip()]

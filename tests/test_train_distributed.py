@@ -29,26 +29,58 @@ def free_port() -> int:
 
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tiny, tmp_path):
-    opts = dict(iters=4, batch_size=4, grad_accumulation_steps=2, learning_rate=1e-3, progress=False)
+    opts = dict(
+        iters=4, batch_size=4, grad_accumulation_steps=2, learning_rate=1e-3, progress=False
+    )
     one = train(
         TrainConfig(
             model=str(tiny.model),
             data=[str(tiny.data)],
             out=str(tmp_path / "one"),
             valid_fraction=0.25,
-            tune=TuneConfig(lora_parameters={"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": None}),
+            tune=TuneConfig(
+                lora_parameters={"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": None}
+            ),
             loop=LoopArgs(**opts),
         ),
         log=lambda s: None,
     )
     cmd = [
-        sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", "2",
-        "--starting-port", str(free_port()),
-        "--env", "OPENBLAS_NUM_THREADS=1",
-        sys.executable, "-m", "mlx_llama3v.train",
-        "-m", str(tiny.model), "-d", str(tiny.data), "-o", str(tmp_path / "two"),
-        "--valid-fraction", "0.25", "--iters", "4", "-b", "4", "--grad-accumulation-steps", "2",
-        "--lr", "1e-3", "--lora-rank", "8", "--lora-alpha", "16", "--no-progress",
+        sys.executable,
+        "-c",
+        LAUNCH,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--starting-port",
+        str(free_port()),
+        "--env",
+        "OPENBLAS_NUM_THREADS=1",
+        sys.executable,
+        "-m",
+        "mlx_llama3v.train",
+        "-m",
+        str(tiny.model),
+        "-d",
+        str(tiny.data),
+        "-o",
+        str(tmp_path / "two"),
+        "--valid-fraction",
+        "0.25",
+        "--iters",
+        "4",
+        "-b",
+        "4",
+        "--grad-accumulation-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--lora-rank",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--no-progress",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

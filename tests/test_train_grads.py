@@ -57,7 +57,9 @@ def torch_loss(tiny, proc, batch):
     x, mask = strip_nchw(tiles, p)
     with torch.no_grad():
         hidden = ck.vision(pixel_values=x, patch_attention_mask=mask).last_hidden_state
-    feats = torch.cat(list(ck.projector(hidden, [(t.shape[0] // p, t.shape[1] // p) for t in tiles])))
+    feats = torch.cat(
+        list(ck.projector(hidden, [(t.shape[0] // p, t.shape[1] // p) for t in tiles]))
+    )
     ids = torch.from_numpy(batch.ids.astype(np.int64))
     embeds = ck.llm.get_input_embeddings()(ids)
     slots = ids == proc.tokenizer.convert_tokens_to_ids("<unk>")
@@ -65,7 +67,9 @@ def torch_loss(tiny, proc, batch):
     embeds = torch.where(slots[..., None], feats[index], embeds)
     logits = ck.llm(inputs_embeds=embeds[:, :-1]).logits
     targets = torch.from_numpy(batch.targets[:, 1:])
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return (ce * targets.reshape(-1)).sum() / targets.sum()
 
 
@@ -107,8 +111,15 @@ def torch_lora(llm, model, keys):
 
 def test_lora_gradients_match_pytorch(tiny):
     model, proc, batch = mlx_batch(tiny, "sft")
-    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    keys = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     rng = np.random.default_rng(0)
     for layer in model.language_model.layers:  # B != 0, so A gets a gradient too
         for key in keys:
@@ -140,10 +151,24 @@ def test_trainable_parameter_counts(tiny):
     cfg = tiny.ckpt.llm.config
     D, I, hd = cfg.hidden_size, cfg.intermediate_size, D_head(cfg)
     kv = cfg.num_key_value_heads * hd
-    shapes = {"q": (D, D), "k": (D, kv), "v": (D, kv), "o": (D, D), "gate": (D, I), "up": (D, I), "down": (I, D)}
+    shapes = {
+        "q": (D, D),
+        "k": (D, kv),
+        "v": (D, kv),
+        "o": (D, D),
+        "gate": (D, I),
+        "up": (D, I),
+        "down": (I, D),
+    }
     for num_layers, keys, r in ((-1, None, 8), (1, ["self_attn.q_proj", "self_attn.v_proj"], 4)):
         model, _ = load(tiny.model)
-        prepare_model(model, TuneConfig(num_layers=num_layers, lora_parameters={"rank": r, "scale": 2.0, "dropout": 0.0, "keys": keys}))
+        prepare_model(
+            model,
+            TuneConfig(
+                num_layers=num_layers,
+                lora_parameters={"rank": r, "scale": 2.0, "dropout": 0.0, "keys": keys},
+            ),
+        )
         names = ["q", "k", "v", "o", "gate", "up", "down"] if keys is None else ["q", "v"]
         layers = cfg.num_hidden_layers if num_layers < 0 else num_layers
         expected = layers * sum(r * sum(shapes[n]) for n in names)

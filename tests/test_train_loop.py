@@ -34,7 +34,9 @@ def config(tiny, out, stage="sft", model=None, **loop):
         model=str(model or tiny.model),
         data=[str(tiny.data)],
         out=str(out),
-        tune=TuneConfig(stage=stage, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}),
+        tune=TuneConfig(
+            stage=stage, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}
+        ),
         loop=LoopArgs(**loop),
     )
 
@@ -42,7 +44,12 @@ def config(tiny, out, stage="sft", model=None, **loop):
 def prepared(tiny, stage):
     model, _ = load(tiny.model)
     mx.random.seed(0)
-    prepare_model(model, TuneConfig(stage=stage, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}))
+    prepare_model(
+        model,
+        TuneConfig(
+            stage=stage, lora_parameters={"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": None}
+        ),
+    )
     return model
 
 
@@ -61,7 +68,9 @@ def test_frozen_parts_stay_bit_identical(tiny, tmp_path, stage):
     assert changed >= len(trainable) // 2, "training moved the trainable weights"
     part = "projector" if stage == "pretrain" else "language_model"
     assert {k.split(".")[0] for k in trainable} == {part}
-    assert result.counts["trainable"] == sum(np.array(v).size for k, v in tree_flatten(before.trainable_parameters()))
+    assert result.counts["trainable"] == sum(
+        np.array(v).size for k, v in tree_flatten(before.trainable_parameters())
+    )
 
 
 @pytest.mark.parametrize("num_layers", [-1, 1])
@@ -92,27 +101,64 @@ def test_outputs_metrics_and_plot(tiny, tmp_path):
     losses, vals = read_losses(out), read_losses(out, "val_loss")
     assert sorted(losses) == list(range(1, 7)) and sorted(vals) == [3, 6]
     entry = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert entry["tokens_per_second"] > 0 and entry["peak_memory_gb"] > 0 and entry["learning_rate"] > 0
+    assert (
+        entry["tokens_per_second"] > 0
+        and entry["peak_memory_gb"] > 0
+        and entry["learning_rate"] > 0
+    )
     assert Image.open(out / "loss.png").size == (800, 480)
     assert latest_checkpoint(out).name == "step-0000006"
-    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000006"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-0000004",
+        "step-0000006",
+    ]
     # the adapters apply with mlx-lm's loader through load()
     model, _ = load(tiny.model, adapter_path=str(out))
-    assert np.array_equal(np.array(model.language_model.layers[0].self_attn.q_proj.lora_b),
-                          np.array(weights["model.layers.0.self_attn.q_proj.lora_b"]))
+    assert np.array_equal(
+        np.array(model.language_model.layers[0].self_attn.q_proj.lora_b),
+        np.array(weights["model.layers.0.self_attn.q_proj.lora_b"]),
+    )
 
 
 def test_kill_and_resume_repeats_the_uninterrupted_losses(tiny, tmp_path):
-    args = ["-m", tiny.model, "-d", tiny.data, "--iters", "8", "-b", "4", "--lr", "1e-3",
-            "--warmup-steps", "2", "--save-every", "3", "--grad-accumulation-steps", "2",
-            "--lora-dropout", "0.1", "--no-progress"]
+    args = [
+        "-m",
+        tiny.model,
+        "-d",
+        tiny.data,
+        "--iters",
+        "8",
+        "-b",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "3",
+        "--grad-accumulation-steps",
+        "2",
+        "--lora-dropout",
+        "0.1",
+        "--no-progress",
+    ]
     full = train(_cfg_from(tiny, tmp_path / "full"), log=lambda s: None)
     reference = read_losses(full.out)
     out = tmp_path / "killed"
     hook = str(Path(__file__).with_name("run_with_hook.py"))
-    cmd = [sys.executable, hook, "train-pause", "4:60", "mlx_llama3v.train", *map(str, args), "-o", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        hook,
+        "train-pause",
+        "4:60",
+        "mlx_llama3v.train",
+        *map(str, args),
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _wait_for_step(out, 4, proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -124,7 +170,10 @@ def test_kill_and_resume_repeats_the_uninterrupted_losses(tiny, tmp_path):
     resumed = read_losses(out)
     assert sorted(resumed) == list(range(1, 9))
     assert [resumed[s] for s in range(4, 9)] == [reference[s] for s in range(4, 9)]
-    a, b = mx.load(str(full.out / "adapters.safetensors")), mx.load(str(out / "adapters.safetensors"))
+    a, b = (
+        mx.load(str(full.out / "adapters.safetensors")),
+        mx.load(str(out / "adapters.safetensors")),
+    )
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
 
 
@@ -158,7 +207,9 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_a_used_folder(tiny,
 
 def test_qlora_on_a_4bit_model_trains(tiny, tmp_path):
     data = write_jsonl(tiny.root / "two.jsonl", [llava(i) for i in range(2)])
-    cfg = config(tiny, tmp_path / "q", model=tiny.model_q4, iters=8, batch_size=2, learning_rate=3e-3)
+    cfg = config(
+        tiny, tmp_path / "q", model=tiny.model_q4, iters=8, batch_size=2, learning_rate=3e-3
+    )
     cfg.data = [str(data)]
     result = train(cfg, log=lambda s: None)
     q_proj = result.model.language_model.layers[0].self_attn.q_proj
@@ -170,7 +221,9 @@ def test_qlora_on_a_4bit_model_trains(tiny, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     cfg = config(tiny, tmp_path / "nan", iters=10, learning_rate=1e30, steps_per_save=1)
-    with pytest.raises(TrainingDiverged, match=r"(loss|gradient norm) (nan|inf) at step (\d+)") as e:
+    with pytest.raises(
+        TrainingDiverged, match=r"(loss|gradient norm) (nan|inf) at step (\d+)"
+    ) as e:
         train(cfg, log=lambda s: None)
     last = latest_checkpoint(tmp_path / "nan")
     assert last is not None and str(last) in str(e.value)

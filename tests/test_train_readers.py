@@ -21,7 +21,10 @@ def llava_array(path, n: int):
                 "id": f"{i:09d}",
                 "image": f"{i % 1000:05d}/{i:09d}.jpg",
                 "conversations": [
-                    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                    {
+                        "from": "human",
+                        "value": "Render a clear and concise summary of the photo.\n<image>",
+                    },
                     {"from": "gpt", "value": f"a photo of object number {i} on a white table"},
                 ],
             }
@@ -38,7 +41,10 @@ def read_seconds(path) -> float:
 
 
 def test_reading_a_json_array_is_linear(tmp_path):
-    small, large = llava_array(tmp_path / "4k.json", 4000), llava_array(tmp_path / "40k.json", 40000)
+    small, large = (
+        llava_array(tmp_path / "4k.json", 4000),
+        llava_array(tmp_path / "40k.json", 40000),
+    )
     read_seconds(small)  # warm up
     t_small, n_small = min(read_seconds(small) for _ in range(2))
     t_large, n_large = read_seconds(large)
@@ -54,7 +60,12 @@ def test_json_array_positions_across_refills(tmp_path, monkeypatch):
     path = tmp_path / "a.json"
     path.write_text('\ufeff[\n  {"a": 1},\n\n  {"b": 22222},\n 12345 ,\n{"c": "x\\ny"}]')
     got = [(r.line, r.data, r.error) for r in read_records(path)]
-    assert got == [(2, {"a": 1}, None), (4, {"b": 22222}, None), (5, 12345, None), (6, {"c": "x\ny"}, None)]
+    assert got == [
+        (2, {"a": 1}, None),
+        (4, {"b": 22222}, None),
+        (5, 12345, None),
+        (6, {"c": "x\ny"}, None),
+    ]
     path.write_text('[\n  {"a": 1},\n  {"b": oops}\n, {"c": 3}]\n')
     records = list(read_records(path))
     assert len(records) == 2 and records[1].line == 3 and "rest of file unread" in records[1].error
@@ -92,7 +103,9 @@ def test_minicpm_v_format_single_and_named_images(tiny, processor):  # noqa: F81
     }
     m = to_messages(two, tiny.root)
     assert [p["type"] for p in m[0]["content"]] == ["text", "image", "text", "image", "text"]
-    assert m[0]["content"][1]["image"].endswith("1.png") and m[0]["content"][3]["image"].endswith("0.png")
+    assert m[0]["content"][1]["image"].endswith("1.png") and m[0]["content"][3]["image"].endswith(
+        "0.png"
+    )
     path = tiny.root / "minicpm.json"
     path.write_text(json.dumps([one, two]))
     samples, report = load_samples([path], encoder(processor))
@@ -141,7 +154,9 @@ def test_saved_dataset_with_image_feature_and_parquet(tiny, processor, tmp_path)
     features = datasets.Features(
         {
             "image": datasets.Image(),
-            "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+            "conversations": [
+                {"from": datasets.Value("string"), "value": datasets.Value("string")}
+            ],
         }
     )
     rows = dataset_rows(tiny, "bytes")
@@ -187,10 +202,14 @@ def test_hub_ids_go_through_load_dataset(tiny, processor, tmp_path, monkeypatch)
         return ds
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    samples, report = load_samples(["hf:someone/llava-mix:validation"], encoder(processor),
-                                   image_root=tiny.root)
-    assert report.kept == 4 and seen == {"name": "someone/llava-mix", "split": "validation",
-                                         "streaming": True}
+    samples, report = load_samples(
+        ["hf:someone/llava-mix:validation"], encoder(processor), image_root=tiny.root
+    )
+    assert report.kept == 4 and seen == {
+        "name": "someone/llava-mix",
+        "split": "validation",
+        "streaming": True,
+    }
     assert samples[0].where == "hf:someone/llava-mix:validation[0]"
 
 

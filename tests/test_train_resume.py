@@ -24,8 +24,25 @@ def tiny(tmp_path_factory):
 
 
 def args(tiny, out):
-    return ["-m", str(tiny.model), "-d", str(tiny.data), "--iters", "6", "-b", "4", "--lr", "1e-3",
-            "--save-every", "2", "--keep-checkpoints", "3", "--no-progress", "-o", str(out)]
+    return [
+        "-m",
+        str(tiny.model),
+        "-d",
+        str(tiny.data),
+        "--iters",
+        "6",
+        "-b",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "3",
+        "--no-progress",
+        "-o",
+        str(out),
+    ]
 
 
 def cli(*argv):
@@ -44,8 +61,11 @@ def finished(tiny, tmp_path_factory):
 
 
 def tree_digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def truncate(path: Path):
@@ -88,9 +108,13 @@ CASES = [(d, c) for d in DAMAGE for c in (True, False) if c or DAMAGE[d][2]]
 
 
 @pytest.mark.parametrize(
-    "damage,checksums", CASES, ids=[f"{d}-{'checksummed' if c else 'no-checksums'}" for d, c in CASES]
+    "damage,checksums",
+    CASES,
+    ids=[f"{d}-{'checksummed' if c else 'no-checksums'}" for d, c in CASES],
 )
-def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tiny, finished, tmp_path, damage, checksums):
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(
+    tiny, finished, tmp_path, damage, checksums
+):
     name, harm, message = DAMAGE[damage]
     out = Path(shutil.copytree(finished, tmp_path / "out"))
     latest = out / CHECKPOINTS / "step-0000006"
@@ -104,16 +128,29 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tiny, finis
     assert "Traceback" not in err
     expected = message or f"{name} does not match its checksum"
     if checksums:
-        expected = f"{CHECKSUMS} is not valid JSON" if name == CHECKSUMS else f"{name} does not match its checksum"
-    warned = [line for line in err.splitlines() if line.startswith(f"warning: checkpoint {latest} is damaged (")]
+        expected = (
+            f"{CHECKSUMS} is not valid JSON"
+            if name == CHECKSUMS
+            else f"{name} does not match its checksum"
+        )
+    warned = [
+        line
+        for line in err.splitlines()
+        if line.startswith(f"warning: checkpoint {latest} is damaged (")
+    ]
     assert len(warned) == 1 and name in warned[0] and expected in warned[0], err
-    assert f"warning: resuming from {out / CHECKPOINTS / 'step-0000004'}, the newest good checkpoint" in err
+    assert (
+        f"warning: resuming from {out / CHECKPOINTS / 'step-0000004'}, the newest good checkpoint"
+        in err
+    )
     # the run continued from step 4 and ended exactly as the undamaged run did
     a = mx.load(str(finished / "adapters.safetensors"))
     b = mx.load(str(out / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
     assert tree_digest(out / CHECKPOINTS / "step-0000004") == before
-    assert tree_digest(latest) == tree_digest(finished / CHECKPOINTS / "step-0000006"), "step 6 rewritten whole"
+    assert tree_digest(latest) == tree_digest(finished / CHECKPOINTS / "step-0000006"), (
+        "step 6 rewritten whole"
+    )
 
 
 def test_no_good_checkpoint_stops_with_one_error_and_changes_nothing(tiny, finished, tmp_path):

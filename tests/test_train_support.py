@@ -124,7 +124,9 @@ def run_cli(*args, env=None, check=True, timeout=300) -> subprocess.CompletedPro
 
 
 def cli_env(extra=None) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     env.update(extra or {})
     return env
 

@@ -36,14 +36,25 @@ import dataset  # noqa: E402
 # The tiny model. The tower is random and frozen, as the recipe keeps it: the
 # projector learns to read its features.
 VISION = dict(
-    hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    image_size=64, patch_size=16, variant="siglip",
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=16,
+    variant="siglip",
 )
 PROJECTOR = dict(kind="attention", num_layers=2, num_attention_heads=4, intermediate_size=256)
 TEXT = dict(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
-    max_position_embeddings=512, tie_word_embeddings=False,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
 )
 FULL = dict(train=5000, valid=100, test=200, sft_iters=3000)
 QUICK = dict(train=1500, valid=40, test=60, sft_iters=800)
@@ -80,14 +91,20 @@ def make_initial_model(folder: Path, seed: int) -> None:
     with staging(folder, force=True) as tmp:
         make_llama3_tokenizer(tmp, eos_token="<|eot_id|>")
         tokenizer = load_tokenizer(tmp)
-        processor = dict(default_processor_config("siglip_llama3"), image_size=VISION["image_size"],
-                         patch_size=VISION["patch_size"],
-                         tokens_per_tile=(VISION["image_size"] // VISION["patch_size"]) ** 2)
+        processor = dict(
+            default_processor_config("siglip_llama3"),
+            image_size=VISION["image_size"],
+            patch_size=VISION["patch_size"],
+            tokens_per_tile=(VISION["image_size"] // VISION["patch_size"]) ** 2,
+        )
         config = ModelConfig(
             family="siglip_llama3",
             vision_config=VISION,
-            projector_config=dict(PROJECTOR, vision_hidden_size=VISION["hidden_size"],
-                                  text_hidden_size=TEXT["hidden_size"]),
+            projector_config=dict(
+                PROJECTOR,
+                vision_hidden_size=VISION["hidden_size"],
+                text_hidden_size=TEXT["hidden_size"],
+            ),
             text_config=dict(TEXT, vocab_size=BASE_VOCAB + NUM_SPECIAL),
             image_token=processor["image_token"],
             image_token_id=special_token_id(tokenizer, processor["image_token"]),
@@ -110,13 +127,22 @@ def evaluate(model_dir: Path, data: Path, limit: int | None = None) -> dict:
         question = rec["conversations"][0]["value"].replace("<image>\n", "")
         answer = rec["conversations"][1]["value"]
         # 48: a three-shape description is about 30 tokens of the tiny BPE
-        out = generate(model, processor, question, images=[str(data.parent / rec["image"])],
-                       max_tokens=48, temp=0.0)
+        out = generate(
+            model,
+            processor,
+            question,
+            images=[str(data.parent / rec["image"])],
+            max_tokens=48,
+            temp=0.0,
+        )
         hits[rec["kind"]] += out.text.strip() == answer
         totals[rec["kind"]] += 1
     per_kind = {k: hits[k] / totals[k] for k in sorted(totals)}
-    return {"accuracy": sum(hits.values()) / max(1, sum(totals.values())), "per_kind": per_kind,
-            "questions": sum(totals.values())}
+    return {
+        "accuracy": sum(hits.values()) / max(1, sum(totals.values())),
+        "per_kind": per_kind,
+        "questions": sum(totals.values()),
+    }
 
 
 def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
@@ -125,23 +151,72 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
     splits = make_data(work, sizes, seed)
     make_initial_model(work / "init", seed)
     for split in ("train", "valid"):
-        run("mlx_llama3v.embed", "--model", str(work / "init"), "--images", str(splits[split]),
-            "--out", str(work / "features"), "--dtype", "float32", "--no-progress")
-    common = ["--data", str(splits["train"]), "--valid", str(splits["valid"]),
-              "--features", str(work / "features"), "--batch-size", "16", "--max-length", "320",
-              "--seed", str(seed), "--no-progress", "--save-every", "1000000"]
+        run(
+            "mlx_llama3v.embed",
+            "--model",
+            str(work / "init"),
+            "--images",
+            str(splits[split]),
+            "--out",
+            str(work / "features"),
+            "--dtype",
+            "float32",
+            "--no-progress",
+        )
+    common = [
+        "--data",
+        str(splits["train"]),
+        "--valid",
+        str(splits["valid"]),
+        "--features",
+        str(work / "features"),
+        "--batch-size",
+        "16",
+        "--max-length",
+        "320",
+        "--seed",
+        str(seed),
+        "--no-progress",
+        "--save-every",
+        "1000000",
+    ]
     # No ``--stage pretrain`` here: it trains the projector against a frozen language
     # model, and this one is random. Measured on the short run, 30 such steps shrank the
     # image-dependent part of the projector's output from 0.22 to 0.03 (std over pictures)
     # while its mean grew to 1.9: the projector learned a constant prompt for the random
     # LM and threw the pictures away, and stage 2 never recovered (held-out accuracy at
     # chance). Starting stage 2 from the random projector reads the pictures.
-    run("mlx_llama3v.train", "--stage", "sft", "--fine-tune-type", "full", "--train-projector",
-        "--model", str(work / "init"), "--out", str(work / "sft"),
-        "--iters", str(sizes["sft_iters"]), "--learning-rate", "1e-3", "--warmup-steps", "50",
-        "--min-lr-ratio", "0.05", *common)
-    run("mlx_llama3v.fuse", "--model", str(work / "init"), "--adapter-path", str(work / "sft"),
-        "--save-path", str(out), "--force")
+    run(
+        "mlx_llama3v.train",
+        "--stage",
+        "sft",
+        "--fine-tune-type",
+        "full",
+        "--train-projector",
+        "--model",
+        str(work / "init"),
+        "--out",
+        str(work / "sft"),
+        "--iters",
+        str(sizes["sft_iters"]),
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        "50",
+        "--min-lr-ratio",
+        "0.05",
+        *common,
+    )
+    run(
+        "mlx_llama3v.fuse",
+        "--model",
+        str(work / "init"),
+        "--adapter-path",
+        str(work / "sft"),
+        "--save-path",
+        str(out),
+        "--force",
+    )
     report = evaluate(out, splits["test"])
     report["build_seconds"] = round(time.time() - start)
     report["sizes"] = sizes
@@ -166,7 +241,9 @@ def write_samples(folder: Path, n: int = 6, seed: int = 12345) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE / "model")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a temp folder)"
+    )
     ap.add_argument("--quick", action="store_true", help="the short run the test uses")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -17,7 +17,12 @@ from typing import Dict, List, Sequence
 from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+}
 PLACES = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three")
 QUESTION_KINDS = ("shapes", "count", "colour", "place", "exists")
@@ -110,7 +115,9 @@ def make_split(out: Path, n: int, seed: int, size: int = 64, conversations: bool
                 rng.shuffle(qa)
                 records = [{"image": name, "conversations": _turns(qa)}]
             else:
-                records = [{"image": name, "kind": q["kind"], "conversations": _turns([q])} for q in qa]
+                records = [
+                    {"image": name, "kind": q["kind"], "conversations": _turns([q])} for q in qa
+                ]
             for record in records:
                 f.write(json.dumps(record) + "\n")
     return out / "data.jsonl"

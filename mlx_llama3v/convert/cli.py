@@ -42,7 +42,9 @@ def run(
     ),
     dtype: DType = typer.Option(DType.float16, "--dtype", help="Type of the unquantized weights."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the language model."),
-    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight: 4 or 8 (default 4)."),
+    q_bits: Optional[int] = typer.Option(
+        None, "--q-bits", help="Bits per weight: 4 or 8 (default 4)."
+    ),
     q_group_size: Optional[int] = typer.Option(
         None, "--q-group-size", help="Quantization group size: 32, 64 or 128 (default 64)."
     ),

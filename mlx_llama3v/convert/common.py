@@ -38,6 +38,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # copied as they are; transformers >= 5 keeps the chat template in its own file
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
+
+
 class ConvertError(UserError):
     """The input cannot be converted; the message is one line for the user."""
 
@@ -236,7 +238,9 @@ def text_config(
         if k in config:
             fields[k] = config[k]
     try:
-        return normalize_text_config(fields, derived=_text_shapes(fields, weights, prefix), published=published)
+        return normalize_text_config(
+            fields, derived=_text_shapes(fields, weights, prefix), published=published
+        )
     except ValueError as e:
         raise ConvertError(f"language model config: {one_line(e)}") from None
 

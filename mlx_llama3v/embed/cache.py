@@ -298,7 +298,10 @@ def heal(root: Path, log: Callable[[str], None] = lambda s: None) -> List[Tuple[
 
 def _shard_problem(root: Path, r: dict, confirmed) -> Tuple[Optional[str], Optional[tuple]]:
     """(problem or None, new (size, mtime) stats to record when the checksums were read)."""
-    files = ((r["name"], r["sha256"], r["bytes"]), (r["entries"], r["entries_sha256"], r.get("entries_bytes")))
+    files = (
+        (r["name"], r["sha256"], r["bytes"]),
+        (r["entries"], r["entries_sha256"], r.get("entries_bytes")),
+    )
     stats = []
     for name, _, size in files:
         st = file_stat(root / SHARDS / name)
@@ -406,7 +409,10 @@ class ShardWriter:
         record, entries = self._write_shard(stem, self.buffer)
         # the files as they were checksummed: a rerun trusts them while this still holds
         folder = self.root / SHARDS
-        record["stat"] = [*file_stat(folder / record["name"]), *file_stat(folder / record["entries"])]
+        record["stat"] = [
+            *file_stat(folder / record["name"]),
+            *file_stat(folder / record["entries"]),
+        ]
         self.journal["shards"].append(record)
         write_json(self.journal_path, self.journal)
         if self.lookup is not None:
@@ -437,7 +443,9 @@ class ShardWriter:
                 "crc32": image_crc(im.tiles),
                 "spans": spans,
             }
-        entries_data = json.dumps({"format": FORMAT, "images": entries}, separators=(",", ":")).encode()
+        entries_data = json.dumps(
+            {"format": FORMAT, "images": entries}, separators=(",", ":")
+        ).encode()
         write_atomic(folder / f"{stem}.json", entries_data)
         digest, size = write_safetensors(
             folder / f"{stem}.safetensors",
@@ -514,7 +522,9 @@ class _Shard:
         size = os.fstat(self.file.fileno()).st_size
         if expect is not None and expect.get("bytes") not in (None, size):
             self.file.close()
-            raise CacheError(f"{self._damaged()}: {size} bytes, the index records {expect['bytes']}")
+            raise CacheError(
+                f"{self._damaged()}: {size} bytes, the index records {expect['bytes']}"
+            )
         self.map = mmap.mmap(self.file.fileno(), size, access=mmap.ACCESS_READ) if size else b""
         if size < 8 or 8 + struct.unpack("<Q", self.map[:8])[0] > size:
             self.close()
@@ -537,7 +547,9 @@ class _Shard:
     def check_sha256(self, digest: str) -> None:
         """For entries written before per-image checksums: the whole shard, once."""
         if hashlib.sha256(self.map).hexdigest() != digest:
-            raise CacheError(f"{self._damaged()}: checksum mismatch (rerun mlx_llama3v.embed to repair)")
+            raise CacheError(
+                f"{self._damaged()}: checksum mismatch (rerun mlx_llama3v.embed to repair)"
+            )
 
     def span(self, a: int, b: int) -> memoryview:
         if not 0 <= a <= b <= len(self.map) - self.start:
@@ -675,7 +687,10 @@ class FeatureCache:
                 values = (shard.span(span[0], span[1]), {"dtype": tag, "shape": [rows * cols, -1]})
                 scales = None
                 if len(span) == 4:
-                    scales = (shard.span(span[2], span[3]), {"dtype": "F32", "shape": [rows * cols, 1]})
+                    scales = (
+                        shard.span(span[2], span[3]),
+                        {"dtype": "F32", "shape": [rows * cols, 1]},
+                    )
             else:
                 values = shard.raw(f"{key}.{t}")
                 scale_name = f"{key}.{t}.scale"

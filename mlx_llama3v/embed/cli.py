@@ -48,8 +48,7 @@ def run(
     image_root: Optional[Path] = typer.Option(
         None,
         "--image-root",
-        help="Folder relative paths in a list or dataset start from "
-        "(default: the list's folder).",
+        help="Folder relative paths in a list or dataset start from (default: the list's folder).",
     ),
     dtype: str = typer.Option(
         "float16",

@@ -39,6 +39,7 @@ from ..processing import ImageError, preprocess_image
 from .cache import EncodedImage, ShardWriter
 from .codec import ErrorStats, error_terms, stats_from, store, to_numpy
 
+
 @dataclass
 class WorkItem:
     key: str

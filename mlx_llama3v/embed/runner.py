@@ -47,7 +47,14 @@ from .codec import ErrorStats, bytes_per_tile, check_dtype
 from ..distributed import Ranks
 from .distributed import exchange_digests, owners, share
 from .lookup import Lookup, file_stat
-from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
+from .pipeline import (
+    BackgroundWriter,
+    BatchEncoder,
+    FeatureOverflow,
+    TileBatcher,
+    WorkItem,
+    prepared,
+)
 from .sources import SourceError, describe, list_images
 from ..errors import UserError, one_line
 from ..files import output_error, writing
@@ -121,9 +128,7 @@ def load_vision(model) -> Tuple[VisionTower, dict, str, str]:
         try:
             model, _ = load(name, lazy=True)  # lazy: the language model is never read
         except Exception as e:  # loader errors come in many types; one line for the user
-            raise EmbedError(
-                f"cannot load model {name} ({one_line(e)})"
-            ) from None
+            raise EmbedError(f"cannot load model {name} ({one_line(e)})") from None
     else:
         name = type(model).__name__
     config = model.config

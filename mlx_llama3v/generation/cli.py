@@ -105,7 +105,9 @@ def load_model(name: str, adapter_path: Optional[str] = None):
             "download it (no network, or HF_HUB_OFFLINE is set); give a local folder"
         ) from None
     except HfHubHTTPError as e:
-        raise UserError(f"{name}: no such local folder, and the download failed ({_short(e)})") from None
+        raise UserError(
+            f"{name}: no such local folder, and the download failed ({_short(e)})"
+        ) from None
     except (OSError, ValueError) as e:
         where = "no such local folder, and " if not path.exists() else ""
         raise UserError(f"{name}: {where}cannot load the model ({_short(e)})") from None

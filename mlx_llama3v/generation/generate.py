@@ -326,7 +326,9 @@ def run(
     ] = None,
     prompt_file: Annotated[
         Optional[Path],
-        typer.Option("--prompt-file", help="Read the question from this file ('-': standard input)."),
+        typer.Option(
+            "--prompt-file", help="Read the question from this file ('-': standard input)."
+        ),
     ] = None,
     system: cli.System = None,
     adapter_path: cli.AdapterPath = None,
@@ -338,7 +340,9 @@ def run(
     loaded, processor = cli.load_model(model, adapter_path)
     images = [str(p) for p in image or []]
     last = None
-    for last in stream_generate(loaded, processor, question, images, system=system, options=options):
+    for last in stream_generate(
+        loaded, processor, question, images, system=system, options=options
+    ):
         print(last.text, end="", flush=True)
     print(flush=True)
     if verbose and last is not None:

@@ -71,7 +71,11 @@ def _number(low=None, high=None, *, low_open=False, integer=False, none=False):
             return f"must be a finite number; got {value}"
         if low is not None and (value <= low if low_open else value < low):
             bound = f"above {low}" if low_open else f"at least {low}"
-            return f"must be {bound}" + (f" and at most {high}" if high is not None else "") + f"; got {value}"
+            return (
+                f"must be {bound}"
+                + (f" and at most {high}" if high is not None else "")
+                + f"; got {value}"
+            )
         if high is not None and value > high:
             return f"must be at most {high}; got {value}"
         return None
@@ -101,39 +105,55 @@ class GenerationOptions:
     """How to generate: length, sampling, stop strings, KV cache and prefill."""
 
     max_tokens: int = _option(
-        DEFAULT_MAX_TOKENS, "Most tokens to generate per answer (-1: up to the context length).",
-        _max_tokens, short="-m",
+        DEFAULT_MAX_TOKENS,
+        "Most tokens to generate per answer (-1: up to the context length).",
+        _max_tokens,
+        short="-m",
     )
     temp: float = _option(0.0, "Sampling temperature; 0 is greedy.", _number(0))
     top_p: float = _option(
-        1.0, "Nucleus sampling: keep the most likely tokens up to this probability (1: off).",
+        1.0,
+        "Nucleus sampling: keep the most likely tokens up to this probability (1: off).",
         _number(0, 1, low_open=True),
     )
-    top_k: int = _option(0, "Sample among the k most likely tokens (0: off).", _number(0, integer=True))
+    top_k: int = _option(
+        0, "Sample among the k most likely tokens (0: off).", _number(0, integer=True)
+    )
     min_p: float = _option(
-        0.0, "Drop tokens below this fraction of the top token's probability (0: off).", _number(0, 1)
+        0.0,
+        "Drop tokens below this fraction of the top token's probability (0: off).",
+        _number(0, 1),
     )
     repetition_penalty: Optional[float] = _option(
-        None, "Penalty for repeating recent tokens (1.0: off).", _number(0, low_open=True, none=True)
+        None,
+        "Penalty for repeating recent tokens (1.0: off).",
+        _number(0, low_open=True, none=True),
     )
     repetition_context_size: int = _option(
         20, "How many recent tokens the repetition penalty looks at.", _number(1, integer=True)
     )
-    seed: Optional[int] = _option(None, "Random seed for sampling.", _number(0, integer=True, none=True))
+    seed: Optional[int] = _option(
+        None, "Random seed for sampling.", _number(0, integer=True, none=True)
+    )
     stop: Optional[List[str]] = _option(
         None, "Stop when the text contains this string (not printed); repeatable."
     )
     kv_bits: Optional[int] = _option(
-        None, "Quantize the KV cache to this many bits (2-8), from --quantized-kv-start tokens on.",
+        None,
+        "Quantize the KV cache to this many bits (2-8), from --quantized-kv-start tokens on.",
         _one_of(KV_BITS, none=True),
     )
-    kv_group_size: int = _option(64, "Group size of the KV cache quantization.", _one_of(KV_GROUP_SIZES))
+    kv_group_size: int = _option(
+        64, "Group size of the KV cache quantization.", _one_of(KV_GROUP_SIZES)
+    )
     quantized_kv_start: int = _option(
-        DEFAULT_QUANTIZED_KV_START, "Cache length at which --kv-bits quantization starts.",
+        DEFAULT_QUANTIZED_KV_START,
+        "Cache length at which --kv-bits quantization starts.",
         _number(0, integer=True),
     )
     max_kv_size: Optional[int] = _option(
-        None, "Keep at most this many tokens in the KV cache (rotating).",
+        None,
+        "Keep at most this many tokens in the KV cache (rotating).",
         _number(1, integer=True, none=True),
     )
     prefill_step_size: int = _option(
@@ -149,7 +169,9 @@ class GenerationOptions:
         if self.stop is not None and (
             isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop)
         ):
-            raise OptionError("{0} must be a list of non-empty strings; got %r" % (self.stop,), "stop")
+            raise OptionError(
+                "{0} must be a list of non-empty strings; got %r" % (self.stop,), "stop"
+            )
         if self.kv_bits is not None and self.max_kv_size is not None:
             raise OptionError(
                 "{0} cannot be combined with {1} (a rotating KV cache cannot be quantized)",

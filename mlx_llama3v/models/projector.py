@@ -58,9 +58,7 @@ class MultiheadAttention(nn.Module):
         k = (k @ wk.T + bk).reshape(B, L, h, -1).transpose(0, 2, 1, 3)
         v = (v @ wv.T + bv).reshape(B, L, h, -1).transpose(0, 2, 1, 3)
         q = mx.broadcast_to(q, (B,) + q.shape[1:])
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=q.shape[-1] ** -0.5, mask=mask
-        )
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, -1, h * q.shape[-1]))
 
 

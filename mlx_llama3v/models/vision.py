@@ -112,9 +112,7 @@ class Embeddings(nn.Module):
         super().__init__()
         p = config.patch_size
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, p, stride=p)
-        self.position_embedding = nn.Embedding(
-            config.num_patches_per_side**2, config.hidden_size
-        )
+        self.position_embedding = nn.Embedding(config.num_patches_per_side**2, config.hidden_size)
 
     def __call__(self, patches: mx.array, position_ids: mx.array) -> mx.array:
         w = self.patch_embedding.weight
@@ -133,7 +131,9 @@ def patchify(tile, patch_size: int) -> np.ndarray:
     p = patch_size
     h, w, C = tile.shape[0] // p, tile.shape[1] // p, tile.shape[2]
     if h == 0 or w == 0:
-        raise ValueError(f"tile of {tile.shape[1]}x{tile.shape[0]} pixels is smaller than one {p}px patch")
+        raise ValueError(
+            f"tile of {tile.shape[1]}x{tile.shape[0]} pixels is smaller than one {p}px patch"
+        )
     x = tile[: h * p, : w * p].reshape(h, p, w, p, C).transpose(0, 2, 1, 3, 4)
     return x.reshape(-1, p * p * C)
 
@@ -193,7 +193,9 @@ def _bucketize(n: int, num_per_side: int, coords: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def navit_position_ids(rows: int, cols: int, num_per_side: int, coords: str = "clamp") -> np.ndarray:
+def navit_position_ids(
+    rows: int, cols: int, num_per_side: int, coords: str = "clamp"
+) -> np.ndarray:
     """Position-table rows for a (rows x cols) patch grid, flattened row-major."""
     return (
         _bucketize(rows, num_per_side, coords)[:, None] * num_per_side

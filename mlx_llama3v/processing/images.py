@@ -89,7 +89,9 @@ def _decode(fp, name: str, size: int, max_pixels) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {one_line(e)}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image (unknown format or corrupt file)") from None
+        raise ImageError(
+            f"{name}: not a recognised image (unknown format or corrupt file)"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{name}: cannot read image ({one_line(e)})") from None
     return _finish(img, name, max_pixels)
@@ -156,8 +158,11 @@ def _from_array(arr: np.ndarray, max_pixels) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        hint = "; it looks channels-first, transpose it to HxWxC" if (
-            arr.ndim == 3 and arr.shape[0] in (1, 3, 4)) else ""
+        hint = (
+            "; it looks channels-first, transpose it to HxWxC"
+            if (arr.ndim == 3 and arr.shape[0] in (1, 3, 4))
+            else ""
+        )
         raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array{hint}")
     _check_pixels((arr.shape[1], arr.shape[0]), name, max_pixels)
     u8 = _array_to_uint8(arr, name)
@@ -177,6 +182,8 @@ def _array_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
             raise ImageError(f"{name}: float image contains NaN or infinity")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
-            raise ImageError(f"{name}: float image values must lie in [0, 1], found [{lo:g}, {hi:g}]")
+            raise ImageError(
+                f"{name}: float image values must lie in [0, 1], found [{lo:g}, {hi:g}]"
+            )
         return np.round(arr.astype(np.float64) * 255.0).astype(np.uint8)
     raise ImageError(f"{name}: unsupported dtype; use uint8, uint16, bool or float in [0, 1]")

@@ -92,6 +92,7 @@ _FAMILY = {
     },
 }
 
+
 @dataclass(frozen=True)
 class FamilyLayout:
     """What a family does differently, read from its processor_config's ``family``.
@@ -191,7 +192,11 @@ def preprocess_image(
         img = expand_to_square(img, tuple(cfg["pad_color"]))
     if family_layout(cfg).tiling == "slices":
         tiles, grid = slice_image(
-            img, cfg["max_slices"], cfg["image_size"], cfg["patch_size"], never_split=not cfg["slice"]
+            img,
+            cfg["max_slices"],
+            cfg["image_size"],
+            cfg["patch_size"],
+            never_split=not cfg["slice"],
         )
     else:
         tiles, grid = fixed_size_tiles(img, cfg["image_size"], cfg["max_slices"], cfg["slice"])

@@ -83,7 +83,9 @@ def build_prompt(
     cfg = resolve_processor_config(processor_config)
     turns, sources = _normalise_messages(messages, images)
     processed = [  # an already processed image (e.g. a cached tile layout) is used as it is
-        src if isinstance(src, ProcessedImage) else preprocess_image(src, cfg, max_pixels=max_pixels)
+        src
+        if isinstance(src, ProcessedImage)
+        else preprocess_image(src, cfg, max_pixels=max_pixels)
         for src in sources
     ]
     special = _special_ids(tokenizer, cfg, processed)
@@ -186,7 +188,9 @@ def _normalise_messages(messages, images) -> Tuple[List[Tuple[str, list]], List[
             parts[j] = ("image", len(sources))
             sources.append(value)
     if next(pending, _FROM_LIST) is not _FROM_LIST:
-        raise PromptError(f"{len(images)} images were given, more than the image parts that take them")
+        raise PromptError(
+            f"{len(images)} images were given, more than the image parts that take them"
+        )
     return turns, sources
 
 
@@ -204,7 +208,9 @@ def _parts(content, index: int) -> list:
             src = part.get("image")
             parts.append(("image", _FROM_LIST if src is None else src))
         else:
-            raise PromptError(f"message {index}: unknown content part {part!r} (type text or image)")
+            raise PromptError(
+                f"message {index}: unknown content part {part!r} (type text or image)"
+            )
     return parts
 
 

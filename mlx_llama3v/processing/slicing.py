@@ -104,7 +104,9 @@ def slice_image(
     if grid is None:
         best = find_best_resize(size, scale_resolution, patch_size, allow_upscale=True)
         return [image.resize(best, Image.Resampling.BICUBIC)], None
-    source = image.resize(find_best_resize(size, scale_resolution, patch_size), Image.Resampling.BICUBIC)
+    source = image.resize(
+        find_best_resize(size, scale_resolution, patch_size), Image.Resampling.BICUBIC
+    )
     refine = get_refine_size(size, grid, scale_resolution, patch_size, allow_upscale=True)
     refined = image.resize(refine, Image.Resampling.BICUBIC)
     return [source] + split_to_tiles(refined, grid), grid

@@ -139,7 +139,9 @@ def resume_checkpoint(
     problems = []
     for path in found:
         try:
-            state, weights, saved = read_checkpoint(path, model, optimizer, fingerprint, micro_per_step)
+            state, weights, saved = read_checkpoint(
+                path, model, optimizer, fingerprint, micro_per_step
+            )
         except DamagedCheckpoint as e:
             problems.append(f"{path.name}: {e}")
             log(f"warning: checkpoint {path} is damaged ({e}); trying an older one")
@@ -227,7 +229,9 @@ def _read_state(path: Path, micro_per_step: int) -> TrainState:
     state = TrainState(**data)
     ints = (state.step, state.micro_batches, state.seed)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
-        raise DamagedCheckpoint(f"{STATE} holds a step, micro-batch count or seed that is not a count")
+        raise DamagedCheckpoint(
+            f"{STATE} holds a step, micro-batch count or seed that is not a count"
+        )
     if path.name != f"step-{state.step:07d}":
         raise DamagedCheckpoint(f"{STATE} says step {state.step}, the folder is {path.name}")
     if micro_per_step and state.micro_batches != state.step * micro_per_step:
@@ -250,7 +254,9 @@ def _read_tensors(path: Path) -> Dict[str, mx.array]:
     except ConvertError as e:
         raise DamagedCheckpoint(str(e).replace(str(path), path.name)) from None
     except Exception as e:  # MLX's loader raises several types
-        raise DamagedCheckpoint(f"{path.name} cannot be read ({' '.join(str(e).split())})") from None
+        raise DamagedCheckpoint(
+            f"{path.name} cannot be read ({' '.join(str(e).split())})"
+        ) from None
     for k, v in tensors.items():
         if mx.issubdtype(v.dtype, mx.floating) and not bool(mx.isfinite(v).all()):
             raise DamagedCheckpoint(f"{path.name}: {k} holds NaN or infinite values")
@@ -274,5 +280,3 @@ def _prune(root: Path, keep: int, current: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid():
             shutil.rmtree(tmp, ignore_errors=True)
-
-

@@ -388,8 +388,7 @@ class SampleEncoder:
         image_spans = self._image_spans(sample.ids, full)
         if any(s < cut < e for s, e in image_spans):
             raise BadSample(
-                f"too long: {T} tokens > max length {limit}, and the cut would fall inside "
-                "an image"
+                f"too long: {T} tokens > max length {limit}, and the cut would fall inside an image"
             )
         kept_spans = tuple((a, min(b, cut)) for a, b in sample.spans if a < cut)
         if not kept_spans:
@@ -522,7 +521,9 @@ def load_samples(
         try:
             stream = read_records(path)
         except (ReaderError, OSError) as e:
-            raise DataError(f"{path}: {one_line(e)}" if isinstance(e, OSError) else str(e)) from None
+            raise DataError(
+                f"{path}: {one_line(e)}" if isinstance(e, OSError) else str(e)
+            ) from None
         bar = _bar(stream, path, progress)
         for record in stream:
             i, index = index, index + 1
@@ -626,5 +627,3 @@ def _unit_hash(seed: int, index: int) -> float:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
-
-

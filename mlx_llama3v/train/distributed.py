@@ -43,4 +43,3 @@ class World(Ranks):
 
 def zeros_like(tree):
     return tree_map(lambda x: mx.zeros_like(x), tree)
-

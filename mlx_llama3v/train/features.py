@@ -70,7 +70,11 @@ def cache_layout(cache, processor_config: Mapping[str, Any]):
         if isinstance(src, (bytes, bytearray)):
             key = hashlib.sha256(src).hexdigest()
             found = cache.lookup.find(key)
-            name = getattr(src, "name", "image bytes") if isinstance(src, ImageBytes) else "image bytes"
+            name = (
+                getattr(src, "name", "image bytes")
+                if isinstance(src, ImageBytes)
+                else "image bytes"
+            )
         elif isinstance(src, str):
             try:
                 hit = cache.find(src)

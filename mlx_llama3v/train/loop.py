@@ -38,6 +38,7 @@ from .distributed import World, zeros_like
 from .features import VisionFeatures, project
 from .metrics import METRICS, MetricsLog
 
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN/inf; the message is one line."""
 

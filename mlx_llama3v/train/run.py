@@ -107,8 +107,12 @@ def train(
     )
     valid_plan = None
     if reports[1] is not None:
-        lengths = world.gather_lengths({i: s.length for i, s in valid_set.items()}, reports[1].records)
-        valid_plan = BatchPlan(lengths, config.loop.batch_size, config.loop.seed) if lengths else None
+        lengths = world.gather_lengths(
+            {i: s.length for i, s in valid_set.items()}, reports[1].records
+        )
+        valid_plan = (
+            BatchPlan(lengths, config.loop.batch_size, config.loop.seed) if lengths else None
+        )
     note = _note(config)
     write = lambda folder: save_outputs(model, config.tune, folder, note)
     trainer = Trainer(
@@ -209,11 +213,17 @@ def _read_data(
     except (DataError, TrainError) as e:
         error = e
     if not world.agree(error is None):
-        raise error if error is not None else DataError("another rank found bad data (see its output)")
+        raise (
+            error
+            if error is not None
+            else DataError("another rank found bad data (see its output)")
+        )
     _summarise(reports, world, log)
     if world.size > 1:
-        print(f"rank {world.rank}: read {len(train)} training and {len(valid)} validation "
-              "samples", file=sys.stderr)
+        print(
+            f"rank {world.rank}: read {len(train)} training and {len(valid)} validation samples",
+            file=sys.stderr,
+        )
     if not world.agree(bool(world.sum([len(train)])[0])):
         raise TrainError("no usable training samples")
     return {s.index: s for s in train}, {s.index: s for s in valid}, reports
@@ -227,7 +237,9 @@ def _load(paths, encoder, config, world, log):
         strict=config.strict,
         keep=world.owns,
         progress=config.loop.progress and world.is_main,
-        log=log if world.size == 1 else (lambda s: print(f"[rank {world.rank}] {s}", file=sys.stderr)),
+        log=log
+        if world.size == 1
+        else (lambda s: print(f"[rank {world.rank}] {s}", file=sys.stderr)),
     )
 
 
@@ -246,12 +258,21 @@ def _summarise(reports, world: World, log) -> None:
             continue
         if world.size > 1:
             kept, short, tokens, images, bad = world.all_sum(
-                [report.kept, report.shortened, report.tokens_dropped,
-                 report.images_dropped, report.num_skipped]
+                [
+                    report.kept,
+                    report.shortened,
+                    report.tokens_dropped,
+                    report.images_dropped,
+                    report.num_skipped,
+                ]
             )
             report = DataReport(
-                int(kept), report.records, Counter({"bad records": int(bad)} if bad else {}),
-                int(short), int(tokens), int(images),
+                int(kept),
+                report.records,
+                Counter({"bad records": int(bad)} if bad else {}),
+                int(short),
+                int(tokens),
+                int(images),
             )
         log(report.summary(name))
 
@@ -286,7 +307,14 @@ def _fingerprint(config: TrainConfig) -> str:
         "loop": {
             k: v
             for k, v in asdict(config.loop).items()
-            if k not in ("progress", "steps_per_save", "keep_checkpoints", "steps_per_eval", "val_batches")
+            if k
+            not in (
+                "progress",
+                "steps_per_save",
+                "keep_checkpoints",
+                "steps_per_eval",
+                "val_batches",
+            )
         },
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
