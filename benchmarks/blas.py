@@ -10,6 +10,15 @@ behind the same forwarder, and with ``--lib PATH`` any other BLAS (e.g. a system
 16384 matrix-vector product (GB/s of weights streamed, what decode is made of),
 best of a few runs. Each candidate runs ``--rounds`` times, taking turns (the machine's load drifts).
 Run: ``python benchmarks/blas.py [--mkl DIR] [--lib PATH] [--rounds 2]``.
+
+``--small-m`` instead weighs the forwarder's few-row kernel (batched decode: M streams
+times a weight) against what it replaces, in one process, on the same numpy operands:
+C (M x N) = A (M x 2048) @ W.T, W (N x 2048) row-major (a Linear weight), for M = 1, 2,
+4, 8, 16 and N = 8192 (an MLP weight) and 128256 (the LM head). Columns: the forwarder's
+``cblas_sgemm`` (what MLX calls; M = 1 is its sgemv route), the same split over its thread
+pool or on one thread, OpenBLAS's sgemm, and M calls of OpenBLAS's sgemv; ms (best of a
+few) and GB/s of weight bytes read (W's size / time). ``--sizes 2048`` adds the small
+products where the pool's call overhead shows (the split threshold).
 """
 
 from __future__ import annotations
@@ -45,15 +54,78 @@ def worker() -> None:
     print(json.dumps({"gemm": 2 * n**3 / gemm / 1e9, "gemv": w.nbytes / gemv / 1e9, "blas": cpu.describe()}))
 
 
+def small_m(sizes, rounds: int) -> None:
+    import ctypes
+
+    import numpy as np
+
+    import mlx_llama3v.cpu as cpu
+
+    if cpu.blas.shim is None or not cpu.blas.small_m:
+        raise SystemExit(f"error: the forwarder's small-M kernel is not in use ({cpu.describe()})")
+    I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    forwarder, sgemm = cpu.blas.shim.cblas_sgemm, cpu.blas.handle.scipy_cblas_sgemm
+    sgemv = cpu.blas.handle.scipy_cblas_sgemv
+    for fn in (forwarder, sgemm):
+        fn.argtypes = [I] * 6 + [F, P, I, P, I, F, P, I]
+    sgemv.argtypes = [I] * 4 + [F, P, I, P, I, F, P, I]
+    threads = cpu._blas_threads(cpu.blas.handle)
+    configure = cpu.blas.shim.mlx_llama3v_blas_small_m
+
+    def best(fn, repeats):
+        fn()
+        out = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    print(f"load average: {os.getloadavg()[0]:.2f} (1 min), cores: {os.cpu_count()}, BLAS threads: {threads}")
+    print("| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|")
+    K = 2048
+    for N in sizes:
+        w = np.random.default_rng(0).standard_normal((N, K), dtype=np.float32)
+        repeats = max(2, min(20, int(2e8 / w.nbytes)))
+        for M in (1, 2, 4, 8, 16):
+            a = np.random.default_rng(M).standard_normal((M, K), dtype=np.float32)
+            c = np.empty((M, N), np.float32)
+            args = (101, 111, 112, M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0, c.ctypes.data, N)
+
+            def rows():
+                for i in range(M):
+                    sgemv(101, 111, N, K, 1.0, w.ctypes.data, K, a[i].ctypes.data, 1, 0.0, c[i].ctypes.data, 1)
+
+            times = {"fw": float("inf"), "one": float("inf"), "gemm": float("inf"), "gemv": float("inf")}
+            for _ in range(rounds):  # taking turns: the machine's load drifts
+                times["fw"] = min(times["fw"], best(lambda: forwarder(*args), repeats))
+                configure(cpu.SMALL_M_MAX, 1, 0)
+                times["one"] = min(times["one"], best(lambda: forwarder(*args), repeats))
+                configure(cpu.blas.small_m, threads, 0)
+                times["gemm"] = min(times["gemm"], best(lambda: sgemm(*args), repeats))
+                times["gemv"] = min(times["gemv"], best(rows, repeats))
+            want = a.astype(np.float64) @ w.T.astype(np.float64)
+            forwarder(*args)
+            assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), "the forwarder's product is wrong"
+            cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
+            print(f"| {K} x {N} | {M} | " + " | ".join(cells) + " |", flush=True)
+        del w
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mkl", help="folder holding libmkl_rt.so.* (an mkl wheel's lib)")
     ap.add_argument("--lib", action="append", default=[], help="another BLAS library to compare")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--small-m", action="store_true", help="the few-row kernel vs sgemm vs M x sgemv")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 128256], help="N for --small-m (K = 2048)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker()
+    if args.small_m:
+        return small_m(args.sizes, args.rounds)
     candidates = {
         "MLX's reference BLAS": {"MLX_LLAMA3V_BLAS": "0"},
         "scipy-openblas32 + forwarder": {},

@@ -116,15 +116,15 @@ static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K,
                                                            const float *A, int lda,
                                                            const float *B, int ldb, float beta,
                                                            float *C, int ldc) {
-    v8 acc[4][2];
-    float tail[4][2];
+    v8 acc[4][4];
+    float tail[4][4];
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MB; i++)
         _Pragma("GCC unroll 16")
         for (int j = 0; j < NB; j++) acc[i][j] = (v8){0}, tail[i][j] = 0.0f;
     int k = 0;
     for (; k + 8 <= K; k += 8) {
-        v8 b[2];
+        v8 b[4];
         _Pragma("GCC unroll 16")
         for (int j = 0; j < NB; j++) b[j] = *(const v8 *)(B + (size_t)j * ldb + k);
         _Pragma("GCC unroll 16")
@@ -146,24 +146,31 @@ static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K,
             store(C + (size_t)i * ldc + j, hsum(acc[i][j]) + tail[i][j], alpha, beta);
 }
 
+/* MB rows of A against rows n0..n1 of B; tiles of >= 8 accumulators keep the FMAs busy. */
+static inline __attribute__((always_inline)) void nt_rows(int MB, int n0, int n1, int K, float alpha,
+                                                           const float *A, int lda,
+                                                           const float *B, int ldb, float beta,
+                                                           float *C, int ldc) {
+    int n = n0;
+    if (MB <= 2)
+        for (; n + 4 <= n1; n += 4) nt_tile(MB, 4, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
+    for (; n + 2 <= n1; n += 2) nt_tile(MB, 2, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
+    for (; n < n1; n++) nt_tile(MB, 1, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
+}
+
+enum { NT_CHUNK = 16 }; /* rows of B (16 x K floats) kept in L2 while every block of A passes */
+
 KERNEL static void small_nt(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
                             const float *B, int ldb, float beta, float *C, int ldc) {
-    int n = n0;
-    for (; n + 2 <= n1; n += 2) {
-        const float *b = B + (size_t)n * ldb;
-        int m = 0;
+    for (int c = n0; c < n1; c += NT_CHUNK) {
+        int e = c + NT_CHUNK < n1 ? c + NT_CHUNK : n1, m = 0;
         for (; m + 4 <= M; m += 4)
-            nt_tile(4, 2, K, alpha, A + (size_t)m * lda, lda, b, ldb, beta, C + (size_t)m * ldc + n, ldc);
-        for (; m < M; m++)
-            nt_tile(1, 2, K, alpha, A + (size_t)m * lda, lda, b, ldb, beta, C + (size_t)m * ldc + n, ldc);
-    }
-    for (; n < n1; n++) {
-        const float *b = B + (size_t)n * ldb;
-        int m = 0;
-        for (; m + 4 <= M; m += 4)
-            nt_tile(4, 1, K, alpha, A + (size_t)m * lda, lda, b, ldb, beta, C + (size_t)m * ldc + n, ldc);
-        for (; m < M; m++)
-            nt_tile(1, 1, K, alpha, A + (size_t)m * lda, lda, b, ldb, beta, C + (size_t)m * ldc + n, ldc);
+            nt_rows(4, c, e, K, alpha, A + (size_t)m * lda, lda, B, ldb, beta, C + (size_t)m * ldc, ldc);
+        const float *a = A + (size_t)m * lda;
+        float *cm = C + (size_t)m * ldc;
+        if (M - m == 3) nt_rows(3, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
+        if (M - m == 2) nt_rows(2, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
+        if (M - m == 1) nt_rows(1, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
     }
 }
 
