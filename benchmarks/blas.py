@@ -70,7 +70,6 @@ def small_m(sizes, rounds: int) -> None:
         fn.argtypes = [I] * 6 + [F, P, I, P, I, F, P, I]
     sgemv.argtypes = [I] * 4 + [F, P, I, P, I, F, P, I]
     threads = cpu._blas_threads(cpu.blas.handle)
-    configure = cpu.blas.shim.mlx_llama3v_blas_small_m
 
     def best(fn, repeats):
         fn()
@@ -99,9 +98,9 @@ def small_m(sizes, rounds: int) -> None:
             times = {"fw": float("inf"), "one": float("inf"), "gemm": float("inf"), "gemv": float("inf")}
             for _ in range(rounds):  # taking turns: the machine's load drifts
                 times["fw"] = min(times["fw"], best(lambda: forwarder(*args), repeats))
-                configure(cpu.SMALL_M_MAX, 1, 0)
+                cpu.set_small_m(cpu.SMALL_M_MAX, 1)
                 times["one"] = min(times["one"], best(lambda: forwarder(*args), repeats))
-                configure(cpu.blas.small_m, threads, 0)
+                cpu.set_small_m(cpu.blas.small_m, threads)
                 times["gemm"] = min(times["gemm"], best(lambda: sgemm(*args), repeats))
                 times["gemv"] = min(times["gemv"], best(rows, repeats))
             want = a.astype(np.float64) @ w.T.astype(np.float64)

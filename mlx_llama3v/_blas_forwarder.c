@@ -101,7 +101,8 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 enum { SMALL_M_MAX = 16, MAX_THREADS = 16 };
 static int small_m_limit = SMALL_M_MAX; /* 1: the kernel is off */
 static int pool_threads = 1;             /* parts a large product is split into */
-static size_t split_min = (size_t)1 << 20; /* N*K from which the product is split */
+#define SPLIT_MIN_DEFAULT ((size_t)1 << 20) /* see benchmarks/blas.py --small-m --sizes 2048 */
+static size_t split_min = SPLIT_MIN_DEFAULT; /* N*K from which a product is split */
 
 static inline float hsum(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -322,11 +323,11 @@ static void small_m(int trans_b, int M, int N, int K, float alpha, const float *
 
 /* Sets the small-M kernel's row limit (<= 1: off, clamped to SMALL_M_MAX), the threads
  * it may split a product over (clamped to 1..MAX_THREADS) and the N*K from which it
- * splits (0: keep). Returns the limit in force. */
+ * splits (0: the default, < 0: keep). Returns the limit in force (0: off). */
 int mlx_llama3v_blas_small_m(int limit, int threads, long long min_split) {
     small_m_limit = limit < 1 ? 1 : limit > SMALL_M_MAX ? SMALL_M_MAX : limit;
     pool_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (min_split > 0) split_min = (size_t)min_split;
+    if (min_split >= 0) split_min = min_split ? (size_t)min_split : SPLIT_MIN_DEFAULT;
     return small_m_limit < 2 ? 0 : small_m_limit;
 }
 

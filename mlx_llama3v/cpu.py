@@ -148,8 +148,7 @@ def link_blas() -> Optional[str]:
         if forwarder.mlx_llama3v_blas_connect(sgemm, sgemv, dgemm, cgemm) != 0:
             blas.why_not = f"{library} lacks cblas_sgemm/dgemm/cgemm"
             return None
-        setter = getattr(forwarder, "mlx_llama3v_blas_small_m", None)  # absent in a stale build
-        small_m = setter(_small_m_limit(), _blas_threads(handle), 0) if setter else 0
+        small_m = set_small_m(_small_m_limit(), _blas_threads(handle), 0, forwarder)
         forwarder = ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         blas.why_not = f"cannot open {library}: {e}"
@@ -166,6 +165,17 @@ def _small_m_limit() -> int:
         return max(0, min(int(value), SMALL_M_MAX))
     except ValueError:
         return SMALL_M_MAX  # like the other switches: anything but a number keeps the default
+
+
+def set_small_m(limit: int, threads: int, min_split: int = -1, library=None) -> int:
+    """Configure the forwarder's few-row kernel: rows up to ``limit`` (< 2: off), split
+    over ``threads`` from ``N*K >= min_split`` (0: the default, -1: keep). Returns the
+    limit in force (0: off or no such forwarder). For tests and benchmarks/blas.py."""
+    setter = getattr(library if library is not None else blas.shim, "mlx_llama3v_blas_small_m", None)
+    if setter is None:  # not linked, or a forwarder built before the kernel existed
+        return 0
+    setter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    return setter(limit, threads, min_split)
 
 
 def _blas_threads(handle) -> int:
