@@ -112,11 +112,13 @@ static inline void store(float *c, float sum, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * sum : alpha * sum + beta * *c; /* beta 0: C is never read */
 }
 
-/* B is N x K (a Linear weight): MB rows of A against NB rows of B, dot products over K. */
-static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K, float alpha,
-                                                           const float *A, int lda,
-                                                           const float *B, int ldb, float beta,
-                                                           float *C, int ldc) {
+/* B is N x K (a Linear weight): MB rows of A against NB rows of B, dot products over K,
+ * added to the partial sums P (row stride NT_CHUNK). */
+enum { NT_CHUNK = 16, K_CHUNK = 512 };
+
+static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K, const float *A,
+                                                           int lda, const float *B, int ldb,
+                                                           float *P) {
     v8 acc[4][4];
     float tail[4][4];
     _Pragma("GCC unroll 16")
@@ -143,35 +145,41 @@ static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K,
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MB; i++)
         _Pragma("GCC unroll 16")
-        for (int j = 0; j < NB; j++)
-            store(C + (size_t)i * ldc + j, hsum(acc[i][j]) + tail[i][j], alpha, beta);
+        for (int j = 0; j < NB; j++) P[i * NT_CHUNK + j] += hsum(acc[i][j]) + tail[i][j];
 }
 
-/* MB rows of A against rows n0..n1 of B; tiles of >= 8 accumulators keep the FMAs busy. */
-static inline __attribute__((always_inline)) void nt_rows(int MB, int n0, int n1, int K, float alpha,
-                                                           const float *A, int lda,
-                                                           const float *B, int ldb, float beta,
-                                                           float *C, int ldc) {
-    int n = n0;
+/* MB rows of A against rows 0..rows-1 of B; tiles of >= 8 accumulators keep the FMAs busy. */
+static inline __attribute__((always_inline)) void nt_rows(int MB, int rows, int K, const float *A,
+                                                           int lda, const float *B, int ldb,
+                                                           float *P) {
+    int n = 0;
     if (MB <= 2)
-        for (; n + 4 <= n1; n += 4) nt_tile(MB, 4, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
-    for (; n + 2 <= n1; n += 2) nt_tile(MB, 2, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
-    for (; n < n1; n++) nt_tile(MB, 1, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);
+        for (; n + 4 <= rows; n += 4) nt_tile(MB, 4, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+    for (; n + 2 <= rows; n += 2) nt_tile(MB, 2, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+    for (; n < rows; n++) nt_tile(MB, 1, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
 }
 
-enum { NT_CHUNK = 16 }; /* rows of B (16 x K floats) kept in L2 while every block of A passes */
-
+/* Chunks of NT_CHUNK rows of B (kept in L2 while every block of A passes), in slices of
+ * K_CHUNK columns so the slice of A (at most 4 x K_CHUNK floats per block) stays in L1
+ * while B streams through it. */
 KERNEL static void small_nt(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
                             const float *B, int ldb, float beta, float *C, int ldc) {
+    float part[SMALL_M_MAX * NT_CHUNK];
     for (int c = n0; c < n1; c += NT_CHUNK) {
-        int e = c + NT_CHUNK < n1 ? c + NT_CHUNK : n1, m = 0;
-        for (; m + 4 <= M; m += 4)
-            nt_rows(4, c, e, K, alpha, A + (size_t)m * lda, lda, B, ldb, beta, C + (size_t)m * ldc, ldc);
-        const float *a = A + (size_t)m * lda;
-        float *cm = C + (size_t)m * ldc;
-        if (M - m == 3) nt_rows(3, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
-        if (M - m == 2) nt_rows(2, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
-        if (M - m == 1) nt_rows(1, c, e, K, alpha, a, lda, B, ldb, beta, cm, ldc);
+        int rows = c + NT_CHUNK < n1 ? NT_CHUNK : n1 - c;
+        const float *b = B + (size_t)c * ldb;
+        memset(part, 0, sizeof part);
+        for (int k0 = 0; k0 < K; k0 += K_CHUNK) {
+            int kc = K - k0 < K_CHUNK ? K - k0 : K_CHUNK, m = 0;
+            for (; m + 4 <= M; m += 4) nt_rows(4, rows, kc, A + (size_t)m * lda + k0, lda, b + k0, ldb, part + m * NT_CHUNK);
+            const float *a = A + (size_t)m * lda + k0;
+            float *p = part + m * NT_CHUNK;
+            if (M - m == 3) nt_rows(3, rows, kc, a, lda, b + k0, ldb, p);
+            if (M - m == 2) nt_rows(2, rows, kc, a, lda, b + k0, ldb, p);
+            if (M - m == 1) nt_rows(1, rows, kc, a, lda, b + k0, ldb, p);
+        }
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < rows; j++) store(C + (size_t)m * ldc + c + j, part[m * NT_CHUNK + j], alpha, beta);
     }
 }
 

@@ -174,7 +174,7 @@ def test_few_row_products_take_the_small_m_kernel_and_equal_numpy(m, trans_b):
     (N == 1 is sgemv's: test_matrix_vector_products_equal_numpy)."""
     assert cpu.blas.small_m == cpu.SMALL_M_MAX
     sgemm, rng = _forwarder_sgemm(), np.random.default_rng(m)
-    shapes = [(1, 2), (2, 3), (7, 3), (8, 16), (37, 29), (64, 33), (130, 67), (9, 16)]
+    shapes = [(1, 2), (2, 3), (7, 3), (8, 16), (37, 29), (64, 33), (130, 67), (9, 16), (1037, 19)]
     before = cpu.blas_calls()
     calls = 0
     for k, n in shapes:
@@ -214,10 +214,10 @@ def test_large_few_row_products_split_over_the_pool_equal_numpy(trans_b):
     try:
         before = cpu.blas_calls()["small_split"]
         for m in (2, 3, 5, 8, 16):
-            for k, n in [(33, 100), (64, 17), (5, 49)]:
+            for k, n in [(33, 100), (64, 17), (5, 49), (1037, 35)]:
                 _check_small_m(m, k, n, trans_b, 1.0, 0.0, rng, sgemm, pad=(1, 3, 2))
                 _check_small_m(m, k, n, trans_b, 0.5, 2.0, rng, sgemm)
-        assert cpu.blas_calls()["small_split"] - before == 30
+        assert cpu.blas_calls()["small_split"] - before == 40
         seeds = range(24)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda s: _check_small_m(4, 70, 90, trans_b, 1.0, 0.0, np.random.default_rng(s), sgemm), seeds))
