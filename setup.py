@@ -29,7 +29,7 @@ def linux_backend() -> str:
 
 dependencies = [
     "mlx>=0.29; sys_platform == 'darwin'",
-    "mlx-lm>=0.32",
+    "mlx-lm>=0.32,<0.33",  # private names behind mlx_llama3v/_mlx_lm.py; tested with 0.32.x
     "numpy>=1.24",
     "pillow>=10",
     "huggingface_hub>=0.24",

@@ -53,7 +53,7 @@ from tiny_tokenizer import MINICPM_RENAMES, make_llama3_tokenizer  # noqa: E402
 
 from mlx_llama3v.config import ModelConfig  # noqa: E402
 from mlx_llama3v.convert.common import quantize_parts  # noqa: E402
-from mlx_llama3v.generate import stream_generate  # noqa: E402
+from mlx_llama3v import stream_generate  # noqa: E402
 from mlx_llama3v.generation.features import feature_cache  # noqa: E402
 from mlx_llama3v.chat import ChatSession  # noqa: E402
 from mlx_llama3v.generation.text import text_tokenizer  # noqa: E402

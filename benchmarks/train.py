@@ -79,7 +79,7 @@ def make_model(folder: Path, quantize: bool = False) -> Path:
     from mlx_llama3v.config import ModelConfig
     from mlx_llama3v.convert.common import quantize_parts, write_config
     from mlx_llama3v.models.llama3v import Model
-    from mlx_llama3v.processing.processor import default_processor_config
+    from mlx_llama3v.processing import default_processor_config
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_llama3_tokenizer(folder)
@@ -148,10 +148,10 @@ def dump_batches(folder: Path, data: Path, cache_dir: Path, steps: int, batch_si
     from mlx_llama3v.embed import FeatureCache, stack_features
     from mlx_llama3v.loading import load
     from mlx_llama3v.train.batching import BatchPlan, collate
-    from mlx_llama3v.train.data import Encoder, load_samples
+    from mlx_llama3v.train.data import SampleEncoder, load_samples
 
     model, processor = load(folder)
-    enc = Encoder(processor.tokenizer, processor.config, model.config.projector_config, 2048)
+    enc = SampleEncoder(processor.tokenizer, processor.config, model.config.projector_config, 2048)
     samples, _ = load_samples([data], enc, log=lambda s: None)
     by_index = {s.index: s for s in samples}
     plan = BatchPlan({s.index: s.length for s in samples}, batch_size, seed=0)

@@ -6,7 +6,7 @@ only works before ``mlx.core`` is imported anywhere in the process; the rest of 
 Linux CPU machinery waits for ``mlx_llama3v.cpu.enable()`` (the commands call it).
 
 ``load``, ``generate`` and ``stream_generate`` are imported from their modules
-(``loading``, ``generate``) the first time they are asked for.
+(``loading``, ``generation.generate``) the first time they are asked for.
 """
 
 from .cpu import link_blas
@@ -14,13 +14,15 @@ from .cpu import link_blas
 link_blas()  # before any mlx.core import: libmlx.so binds cblas_sgemm when it loads
 
 import importlib  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
 
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
-_LAZY = {"load": "loading", "generate": "generate", "stream_generate": "generate"}
+_LAZY = {
+    "load": "loading",
+    "generate": "generation.generate",
+    "stream_generate": "generation.generate",
+}
 __all__ = ["__version__", *_LAZY]
 
 
@@ -34,21 +36,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """Keeps ``mlx_llama3v.generate`` the function once the submodule is imported.
-
-    Importing the submodule ``mlx_llama3v.generate`` (``python -m``, the console script,
-    ``from mlx_llama3v.generate import ...``) binds it on the package under the same
-    name as the function; the function wins, as in mlx-lm. The module stays reachable
-    as ``sys.modules["mlx_llama3v.generate"]`` and through ``from ... import``.
-    """
-
-    def __setattr__(self, name, value):
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

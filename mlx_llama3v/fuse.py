@@ -13,11 +13,12 @@ into a hidden staging folder renamed at the end.
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from pathlib import Path
 
 import typer
+
+from .cli import command, new_app, run_app
+from .errors import UserError, one_line
 
 ADAPTER_FILES = ("adapter_config.json", "projector.safetensors")
 TOKENIZER_FILES = (
@@ -30,7 +31,7 @@ TOKENIZER_FILES = (
 )
 
 
-class FuseError(ValueError):
+class FuseError(UserError, ValueError):
     """The model or adapters cannot be fused; the message is one line."""
 
 
@@ -48,9 +49,8 @@ def fuse(
     from mlx_lm.utils import dequantize_model, save_model
 
     from .convert import ConvertError
-    from .convert.common import check_target, copy_if_present, staging, write_config
-    from .loading import AdapterError, converted_folder, load, load_adapters
-    from .train.tuning import load_projector
+    from .convert.common import check_target, copy_if_present, record_checksums, staging, write_config
+    from .loading import AdapterError, converted_folder, load
 
     adapters = Path(adapter_path).expanduser()
     if not any((adapters / f).is_file() for f in ADAPTER_FILES):
@@ -67,13 +67,9 @@ def fuse(
         # the converted folder (a checkpoint or hub id is converted into the cache): its
         # tokenizer and config are the ones to copy, not the raw download's
         source = converted_folder(model)
-        net, processor = load(source)
-        if (adapters / "adapter_config.json").is_file():
-            load_adapters(net, adapters)
-        if (adapters / "projector.safetensors").is_file():
-            load_projector(net, adapters / "projector.safetensors")
+        net, processor = load(source, adapter_path=str(adapters))
     except (AdapterError, ConvertError, ValueError, FileNotFoundError) as e:
-        raise FuseError(" ".join(str(e).split())) from None
+        raise FuseError(one_line(e)) from None
     fused = [(n, m.fuse(dequantize=dequantize)) for n, m in net.named_modules() if hasattr(m, "fuse")]
     if fused:
         net.update_modules(tree_unflatten(fused))
@@ -84,6 +80,7 @@ def fuse(
     extra = _extra_config(source)
     with staging(target, force) as tmp:
         save_model(tmp, net, donate_model=True)
+        record_checksums(tmp)
         write_config(net.config, extra, tmp)
         copy_if_present(source, tmp, TOKENIZER_FILES)
         _write_card(tmp, model, adapters, dequantize)
@@ -119,12 +116,13 @@ def _write_card(folder: Path, model: str, adapters: Path, dequantize: bool) -> N
 
 
 # ------------------------------------------------------------------ command line
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = new_app()
 
 
-@app.command(
+@command(
+    app,
     help="Fuse adapters from mlx_llama3v.train (LoRA/DoRA/full adapters and a retrained "
-    "projector) into a standalone model folder that load() opens."
+    "projector) into a standalone model folder that load() opens.",
 )
 def run(
     model: str = typer.Option(..., "--model", "-m", help="The converted base model folder."),
@@ -133,18 +131,12 @@ def run(
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights (de-quantize a QLoRA base)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
-    try:
-        out = fuse(model, str(adapter_path), str(save_path), dequantize=dequantize, force=force)
-    except FuseError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    out = fuse(model, str(adapter_path), str(save_path), dequantize=dequantize, force=force)
     typer.echo(f"Saved to {out}")
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so the staging folder is removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    app(prog_name="mlx_llama3v.fuse")
+    run_app(app, "mlx_llama3v.fuse")
 
 
 if __name__ == "__main__":

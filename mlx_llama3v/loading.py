@@ -1,9 +1,12 @@
 """Load a converted model and its processor: ``model, processor = load(path_or_repo)``.
 
-A converted folder (config.json with a ``family``) loads as it is: quantized layers
-are rebuilt where the weights carry ``.scales`` (as mlx-lm's loader does) and the
-weights are loaded strictly, with no ``sanitize``: no tensor may be missing or left
-over. A Hugging Face checkpoint (folder or repo id) is converted first, in float16,
+A converted folder (config.json with a ``family``) loads through mlx-lm's own
+``load_model`` with this package's model classes: quantized layers are rebuilt where
+the weights carry ``.scales`` and the weights are loaded strictly, with no
+``sanitize`` (a converted folder's tensors are already the model's): no tensor may be
+missing or left over. Every weight file's header is checked first, so a truncated,
+empty or garbled file is one ``DamagedFileError`` naming it; ``verify=True`` also
+checks the sha256 checksums ``convert`` recorded. A Hugging Face checkpoint (folder or repo id) is converted first, in float16,
 into a cache folder (``$MLX_LLAMA3V_CACHE`` or ``~/.cache/mlx_llama3v``) and loaded
 from there; later calls reuse the cached conversion.
 
@@ -19,47 +22,37 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.utils import _download, infer_quant_config, load_config
+from mlx_lm.utils import load_model
 from transformers import PreTrainedTokenizerFast
 
 from . import convert as converter
+from ._mlx_lm import download
+from .errors import DamagedFileError, UserError
+from .files import check_safetensors, read_json, verify_checksums
 from .config import FAMILIES, ModelConfig
 from .models.llama3v import Model
-from .processing import PromptInputs, build_prompt
+from .processing import Processor
 
 CACHE_ENV = "MLX_LLAMA3V_CACHE"
 
 
-@dataclass
-class Processor:
-    """Turns conversations with images into model input (``processing.build_prompt``)."""
-
-    tokenizer: Any
-    config: Dict[str, Any]
-
-    def __call__(
-        self,
-        messages: Sequence[Dict[str, Any]],
-        images: Optional[Sequence[Any]] = None,
-        add_generation_prompt: bool = True,
-    ) -> PromptInputs:
-        return build_prompt(messages, self.tokenizer, self.config, images, add_generation_prompt)
-
-
 def load(
-    path_or_repo: str, adapter_path: Optional[str] = None, *, lazy: bool = False
+    path_or_repo: str,
+    adapter_path: Optional[str] = None,
+    *,
+    lazy: bool = False,
+    verify: bool = False,
 ) -> Tuple[Model, Processor]:
     """The model and processor of a converted folder, or of a checkpoint converted on the fly.
 
     ``adapter_path``: a fine-tuning run's adapters (see ``apply_adapter_folder``).
+    ``verify``: check the weight files against the checksums ``convert`` recorded.
     """
-    model, processor = load_converted(converted_folder(path_or_repo), lazy=lazy)
+    model, processor = load_converted(converted_folder(path_or_repo), lazy=lazy, verify=verify)
     if adapter_path is not None:
         apply_adapter_folder(model, adapter_path)
     return model, processor
@@ -70,7 +63,7 @@ ADAPTERS = "adapters.safetensors"
 PROJECTOR = "projector.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter folder is missing, malformed, or does not fit the model (one line)."""
 
 
@@ -92,6 +85,7 @@ def apply_adapter_folder(model: Model, adapter_path) -> Model:
     if has_adapters:
         load_adapters(model, folder)
     if has_projector:
+        check_safetensors(folder / PROJECTOR)
         try:
             model.projector.load_weights(
                 list(mx.load(str(folder / PROJECTOR)).items()), strict=True
@@ -124,6 +118,10 @@ def load_adapters(model: Model, adapter_path) -> Model:
             )
     from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
+    if not isinstance(read_json(folder / ADAPTER_CONFIG, DamagedFileError), dict):
+        raise DamagedFileError(f"{folder / ADAPTER_CONFIG}: not a JSON object")
+    check_safetensors(folder / ADAPTERS)
+
     try:
         mlx_lm_load_adapters(model.language_model, str(folder))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -148,7 +146,7 @@ def _adapter_problem(e: BaseException) -> str:
 def converted_folder(path_or_repo) -> Path:
     """The converted folder ``load`` reads: ``path_or_repo`` itself when it is one, else
     the cache folder its Hugging Face checkpoint (local or downloaded) is converted into."""
-    path = _local_or_download(str(path_or_repo))
+    path = local_or_download(str(path_or_repo))
     return path if is_converted(path) else _convert_to_cache(str(path_or_repo), path)
 
 
@@ -161,55 +159,40 @@ def is_converted(path: Path) -> bool:
     return config.get("family") in FAMILIES and "text_config" in config
 
 
-def load_converted(path: Path, lazy: bool = False) -> Tuple[Model, Processor]:
-    """A converted folder, loaded strictly (no ``sanitize``: its tensors are the model's)."""
+class _Converted(Model):
+    """The model of a converted folder: its tensors are already the model's, so mlx-lm's
+    loader must not ``sanitize`` them (that would drop left-over tensors silently)."""
+
+    def sanitize(self, weights: dict) -> dict:
+        return weights
+
+
+def load_converted(path: Path, lazy: bool = False, verify: bool = False) -> Tuple[Model, Processor]:
+    """A converted folder, loaded strictly by mlx-lm's ``load_model``."""
     path = Path(path)
-    config = load_config(path)
-    model = Model(ModelConfig.from_dict(config))
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no model*.safetensors in {path}")
-    weights = {}
     for f in files:
-        weights.update(mx.load(str(f)))
-    if config.get("quantization"):
-        _quantize_like(model, config["quantization"], weights)
-    model.eval()
-    model.load_weights(list(weights.items()), strict=True)
-    if not lazy:
-        mx.eval(model.parameters())
+        check_safetensors(f)
+    if verify:
+        verify_checksums(path, [f.name for f in files])
+    model, _ = load_model(
+        path, lazy=lazy, strict=True, get_model_classes=lambda config: (_Converted, ModelConfig)
+    )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     return model, Processor(tokenizer, model.config.processor_config)
-
-
-def _quantize_like(model: Model, quantization: dict, weights: dict) -> None:
-    """Quantize the layers the saved weights hold quantized, as mlx-lm's loader does."""
-
-    def predicate(path, module):
-        if path in quantization:
-            return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        return infer_quant_config(path, module, weights)
-
-    nn.quantize(
-        model,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        mode=quantization.get("mode", "affine"),
-        class_predicate=predicate,
-    )
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/mlx_llama3v").expanduser()
 
 
-def _local_or_download(path_or_repo: str) -> Path:
+def local_or_download(path_or_repo: str) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
-    return _download(path_or_repo)
+    return download(path_or_repo)
 
 
 def _convert_to_cache(name: str, source: Path) -> Path:

@@ -9,7 +9,6 @@ the one-line errors of the command line.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from hf_checkpoints import (
     make_siglip,
     write_json,
 )
-from mlx_llama3v.convert import PAUSE_ENV, convert
+from mlx_llama3v.convert import convert
 from mlx_llama3v.convert.cli import app
 from mlx_llama3v.convert.compose import init_projector
 from mlx_llama3v.config import ProjectorConfig
@@ -324,9 +323,9 @@ def test_vision_quantization_skips_widths_the_group_does_not_divide(tiny):
 
 # ------------------------------------------------------------------ interruption
 def start_cli(args, pause: float):
-    env = dict(os.environ, **{PAUSE_ENV: str(pause)})
-    cmd = [sys.executable, "-m", "mlx_llama3v.convert", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hook = str(Path(__file__).with_name("run_with_hook.py"))
+    cmd = [sys.executable, hook, "convert-pause", str(pause), "mlx_llama3v.convert", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for_weights(parent: Path, name: str, proc, timeout: float = 60.0) -> Path:

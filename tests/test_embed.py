@@ -2,8 +2,8 @@
 
 The features read back must equal a direct forward pass of the vision tower (within
 the stored dtype's precision); duplicates are stored once; slice and patch grids are
-recorded; a command killed with SIGKILL (inside a shard write) resumes into the cache
-an uninterrupted run makes; ``--verify`` names a corrupted shard; two ranks under
+recorded; a command killed with SIGKILL (inside a shard write) resumes into the very
+shards, byte for byte, that an uninterrupted run makes; ``--verify`` names a corrupted shard; two ranks under
 ``mlx.launch`` (ring backend, localhost) make the same cache as one.
 """
 
@@ -29,7 +29,6 @@ from hf_checkpoints import make_bunny, make_minicpm
 from mlx_llama3v.convert import convert
 from mlx_llama3v.embed import CacheError, FeatureCache, embed, stack_features, verify
 from mlx_llama3v.embed.cli import app
-from mlx_llama3v.embed.pipeline import DELAY_ENV
 from mlx_llama3v.embed.sources import SourceError, list_images
 from mlx_llama3v.loading import load
 from mlx_llama3v.models.vision import make_tile_batch
@@ -412,9 +411,9 @@ def test_verify_names_a_corrupted_shard(models, photos, tmp_path):
 
 # ------------------------------------------------------------------ interruption
 def start_embed(args, delay: float):
-    env = dict(os.environ, **{DELAY_ENV: str(delay)})
-    cmd = [sys.executable, "-m", "mlx_llama3v.embed", *map(str, args), "--no-progress"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    hook = str(Path(__file__).with_name("run_with_hook.py"))
+    cmd = [sys.executable, hook, "embed-delay", str(delay), "mlx_llama3v.embed", *map(str, args), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
 def committed(cache_dir: Path) -> int:
@@ -454,7 +453,7 @@ def test_killed_run_resumes_into_the_same_cache(models, tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 30, seed=3, sizes=((30, 20), (18, 26)))
     reference = tmp_path / "reference"
-    embed(models["bunny"], folder, reference, batch_size=2)
+    embed(models["bunny"], folder, reference, batch_size=2, shard_size_mb=0.001)
     cache_dir = tmp_path / "resumed"
     args = [
         "--model",
@@ -493,6 +492,9 @@ def test_killed_run_resumes_into_the_same_cache(models, tmp_path):
     }, "no stray shard files"
     assert verify(cache_dir) == (30, [])
     assert_same_content(cache_content(cache_dir), cache_content(reference), tol=1e-3)
+    digests = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                         for p in (d / "shards").glob("*.safetensors")}
+    assert digests(cache_dir) == digests(reference), "killed twice, yet byte-identical shards"
 
 
 # ------------------------------------------------------------------ distributed
@@ -554,7 +556,7 @@ def test_two_ranks_with_mlx_launch_make_the_same_cache(models, photos, tmp_path)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}")
+        raise AssertionError(f"mlx.launch timed out: {err[-2000:]}") from None
     # the launcher exits 0 even when a rank fails: check what the ranks wrote
     assert "over 2 ranks" in out, (out, err)
     index = json.loads((two / "index.json").read_text())

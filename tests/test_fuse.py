@@ -14,14 +14,14 @@ from mlx_llama3v.fuse import app, fuse
 from mlx_llama3v.loading import load
 from mlx_llama3v.train.tuning import TuneConfig, load_projector, prepare_model, save_outputs
 from references import assert_close
-from test_train_support import TinySetup
 
 QUESTION = [{"role": "user", "content": "What is in this image?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("fuse"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def make_adapters(model_path, folder, **tune):
@@ -106,7 +106,7 @@ def test_fuse_from_a_hub_id_copies_the_converted_tokenizer(tiny, tmp_path, monke
 
     repo = "openbmb/MiniCPM-Llama3-V-2_5"
     monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "_download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
+    monkeypatch.setattr(loading, "download", lambda name: tiny.ckpt.path if name == repo else 1 / 0)
     adapters = make_adapters(tiny.model, tmp_path / "adapters")
     result = CliRunner().invoke(app, ["-m", repo, "--adapter-path", str(adapters), "--save-path", str(tmp_path / "f")])
     assert result.exit_code == 0, result.stderr

@@ -37,7 +37,7 @@ from hf_checkpoints import (
 from mlx_llama3v import generate, load, stream_generate
 from mlx_llama3v.chat import ChatSession
 from mlx_llama3v.convert import convert
-from mlx_llama3v.generate import ContextError, PromptCache, app
+from mlx_llama3v.generation.generate import ContextError, PromptCache, app
 from mlx_llama3v.generation.features import ImageFeatureCache, feature_cache
 from mlx_llama3v.generation.prompt_cache import token_keys
 from mlx_llama3v.generation.text import end_token_ids
@@ -545,6 +545,38 @@ def test_a_hub_model_without_network_fails_with_one_line(tmp_path):
     assert "Hugging Face Hub" in err
 
 
+def test_a_nonexistent_model_is_named(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLX_LLAMA3V_CACHE": str(tmp_path / "c")}
+    proc = run_cli("--model", "nonexistent", "--prompt", "Hi", env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: nonexistent: no such local folder") and proc.stderr.count("\n") == 1
+
+
+def test_stdout_that_cannot_be_written_is_one_error(tiny):
+    _, out, _, _ = tiny.get("minicpm_v2_5")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlx_llama3v.generate", "--model", str(out), "--prompt", "Hi", "-m", "4"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: cannot write the output to stdout: No space left on device\n"
+
+
+def test_the_prompt_from_a_file_or_stdin(tiny, tmp_path):
+    _, out, model, processor = tiny.get("minicpm_v2_5")
+    question = "Tell me a story. " * 30  # longer than one would type as an argument
+    expected = generate(model, processor, question, max_tokens=N).text + "\n"
+    (tmp_path / "q.txt").write_text(question)
+    proc = run_cli("--model", out, "--prompt-file", tmp_path / "q.txt", "-m", N)
+    assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
+    proc = run_cli("--model", out, "--prompt-file", "-", "-m", N, input=question)
+    assert proc.returncode == 0 and proc.stdout == expected, proc.stderr
+    assert_error(["--model", out, "--prompt-file", tmp_path / "none.txt"], "none.txt: prompt file not found")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    assert_error(["--model", out, "--prompt-file", tmp_path / "bin.txt"], "bin.txt: the prompt file is not UTF-8")
+
+
 # ------------------------------------------------------------------ package
 def test_importing_the_package_stays_cheap():
     code = (
@@ -558,13 +590,13 @@ def test_importing_the_package_stays_cheap():
 
 def test_lazy_exports_stay_the_functions_once_their_modules_are_imported():
     import mlx_llama3v
-    import mlx_llama3v.generate  # noqa: F401  (binds the submodule on the package)
+    import mlx_llama3v.generation.generate  # noqa: F401
     from mlx_llama3v.loading import load as load_function
 
-    module = sys.modules["mlx_llama3v.generate"]
+    module = sys.modules["mlx_llama3v.generation.generate"]
     assert mlx_llama3v.generate is module.generate is generate
     assert mlx_llama3v.stream_generate is module.stream_generate
     assert mlx_llama3v.load is load_function
     assert {"load", "generate", "stream_generate"} <= set(dir(mlx_llama3v))
     with pytest.raises(AttributeError):
-        mlx_llama3v.no_such_name
+        mlx_llama3v.no_such_name  # noqa: B018

@@ -18,7 +18,7 @@ from mlx_llama3v.processing import (
     resolve_processor_config,
     slice_image,
 )
-from mlx_llama3v.processing import processor as processor_module
+from mlx_llama3v.processing import preprocess as preprocess_module
 
 
 def _png_bytes(img, **kw):
@@ -291,7 +291,7 @@ def test_image_error_is_value_error():
 
 
 def test_families_match_config():
-    assert set(processor_module._FAMILY) == set(config.FAMILIES)
+    assert set(preprocess_module._FAMILY) == set(config.FAMILIES)
 
 
 def test_default_processor_configs():

@@ -10,18 +10,19 @@ from mlx_llama3v.loading import load
 from mlx_llama3v.train.batching import BatchPlan, collate
 from mlx_llama3v.train.data import (
     DataError,
-    Encoder,
+    SampleEncoder,
     load_samples,
     read_records,
     split_train_valid,
     to_messages,
 )
-from test_train_support import REPO, TinySetup, chat, cli_env, llava, write_jsonl
+from test_train_support import REPO, chat, cli_env, llava, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-data"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def processor(tiny):
 
 def encoder(processor, max_length=2048):
     model, proc = processor
-    return Encoder(proc.tokenizer, proc.config, model.config.projector_config, max_length)
+    return SampleEncoder(proc.tokenizer, proc.config, model.config.projector_config, max_length)
 
 
 def decode(proc, ids):

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from mlx_llama3v.train import LoopArgs, TrainConfig, TuneConfig, train
-from test_train_support import REPO, TinySetup, cli_env, read_losses
+from test_train_support import REPO, cli_env, read_losses
 
 LAUNCH = "from mlx._distributed_utils.launch import main; main()"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-dist"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def free_port() -> int:

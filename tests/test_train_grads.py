@@ -18,26 +18,26 @@ from mlx.utils import tree_flatten
 from mlx_llama3v.loading import load
 from mlx_llama3v.processing import preprocess_image
 from mlx_llama3v.train.batching import collate
-from mlx_llama3v.train.data import Encoder, load_samples
+from mlx_llama3v.train.data import SampleEncoder, load_samples
 from mlx_llama3v.train.features import VisionFeatures, project
 from mlx_llama3v.train.loop import token_loss
 from mlx_llama3v.train.tuning import TuneConfig, parameter_counts, prepare_model
 from references import assert_close, strip_nchw
-from test_train_support import TinySetup
 
 LORA = {"rank": 4, "scale": 1.5, "dropout": 0.0, "keys": None}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-grads"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def mlx_batch(tiny, stage, lora=LORA):
     model, proc = load(tiny.model)
     mx.random.seed(0)
     prepare_model(model, TuneConfig(stage=stage, lora_parameters=dict(lora)))
-    enc = Encoder(proc.tokenizer, proc.config, model.config.projector_config, 2048)
+    enc = SampleEncoder(proc.tokenizer, proc.config, model.config.projector_config, 2048)
     samples, _ = load_samples([tiny.data], enc)
     batch = collate([samples[0], samples[1]], pad_id=0)  # lengths differ: padding is exercised
     assert batch.samples[0].length != batch.samples[1].length

@@ -18,14 +18,14 @@ from PIL import Image
 from mlx_llama3v.loading import load
 from mlx_llama3v.train import LoopArgs, TrainConfig, TrainingDiverged, TuneConfig, train
 from mlx_llama3v.train.checkpoint import latest_checkpoint
-from mlx_llama3v.train.loop import PAUSE_ENV
 from mlx_llama3v.train.tuning import prepare_model
-from test_train_support import REPO, TinySetup, cli_env, llava, read_losses, write_jsonl
+from test_train_support import REPO, cli_env, llava, read_losses, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinySetup(tmp_path_factory.mktemp("train-loop"))
+def tiny(tiny_setup):
+    """The session's tiny model, images and data (conftest.py)."""
+    return tiny_setup
 
 
 def config(tiny, out, stage="sft", model=None, **loop):
@@ -109,8 +109,9 @@ def test_kill_and_resume_repeats_the_uninterrupted_losses(tiny, tmp_path):
     full = train(_cfg_from(tiny, tmp_path / "full"), log=lambda s: None)
     reference = read_losses(full.out)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mlx_llama3v.train", *map(str, args), "-o", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env({PAUSE_ENV: "4:60"}),
+    hook = str(Path(__file__).with_name("run_with_hook.py"))
+    cmd = [sys.executable, hook, "train-pause", "4:60", "mlx_llama3v.train", *map(str, args), "-o", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_step(out, 4, proc)
     proc.send_signal(signal.SIGKILL)

@@ -73,7 +73,7 @@ def make_initial_model(folder: Path, seed: int) -> None:
     from mlx_llama3v.convert.common import staging, write_config
     from mlx_llama3v.models.llama3v import Model
     from mlx_llama3v.processing import default_processor_config, special_token_id
-    from mlx_llama3v.tiny_tokenizer import NUM_SPECIAL, BASE_VOCAB, load_tokenizer, make_llama3_tokenizer
+    from tiny_tokenizer import NUM_SPECIAL, BASE_VOCAB, load_tokenizer, make_llama3_tokenizer
     from mlx_lm.utils import save_model
 
     mx.random.seed(seed)

@@ -23,7 +23,7 @@ end, so an interrupted conversion leaves no output folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 from huggingface_hub import HfApi, ModelCard
 from mlx_lm.utils import create_model_card, save_model
@@ -31,7 +31,6 @@ from mlx_lm.utils import create_model_card, save_model
 from . import bunny, compose, minicpm
 from .common import (
     DTYPES,
-    PAUSE_ENV,
     Q_BITS,
     Q_GROUP_SIZES,
     Checkpoint,
@@ -41,15 +40,15 @@ from .common import (
     cast,
     check_target,
     copy_if_present,
-    pause_for_tests,
     quantize_parts,
     read_checkpoint,
+    record_checksums,
     staging,
     write_config,
     write_tokenizer,
 )
 
-__all__ = ["ConvertError", "PAUSE_ENV", "convert", "detect_family"]
+__all__ = ["ConvertError", "convert", "detect_family"]
 
 FAMILIES = {"minicpm": minicpm, "bunny": bunny}
 
@@ -88,8 +87,13 @@ def convert(
     seed: int = 0,
     force: bool = False,
     upload_repo: Optional[str] = None,
+    on_weights_written: Optional[Callable[[], None]] = None,
 ) -> Path:
-    """Convert ``hf_path`` (or ``vision`` + ``llm``) into an MLX folder at ``mlx_path``."""
+    """Convert ``hf_path`` (or ``vision`` + ``llm``) into an MLX folder at ``mlx_path``.
+
+    ``on_weights_written`` is called once the weights are in the staging folder (tests
+    pause there to interrupt a conversion).
+    """
     target = Path(mlx_path).expanduser()
     _check_options(hf_path, vision, llm, dtype, quantize, q_bits, q_group_size)
     check_target(target, force)
@@ -106,7 +110,9 @@ def convert(
             parts += ["projector"] if quantize_projector else []
             config.quantization = quantize_parts(model, q_bits, q_group_size, parts)
         save_model(tmp, model, donate_model=True)
-        pause_for_tests()
+        record_checksums(tmp)
+        if on_weights_written is not None:
+            on_weights_written()
         write_config(config, source.extra_config, tmp)
         copy_if_present(source.tokenizer_dir, tmp, ["generation_config.json"])
         _write_card(tmp, source, target.name)

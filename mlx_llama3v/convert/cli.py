@@ -5,17 +5,17 @@ Input problems print one ``error: ...`` line on stderr and exit with status 2.
 
 from __future__ import annotations
 
-import signal
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import ConvertError, convert
+from ..cli import command, new_app, run_app
+from ..errors import UserError
+from . import convert
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = new_app()
 
 
 class DType(str, Enum):
@@ -24,9 +24,10 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-@app.command(
+@command(
+    app,
     help="Convert a Hugging Face checkpoint (MiniCPM-Llama3-V 2.5 / Llama 3-V, Bunny-Llama-3-V), "
-    "or a SigLIP + Llama 3 pair (--vision, --llm), into an MLX model folder."
+    "or a SigLIP + Llama 3 pair (--vision, --llm), into an MLX model folder.",
 )
 def run(
     hf_path: Optional[str] = typer.Option(
@@ -41,9 +42,9 @@ def run(
     ),
     dtype: DType = typer.Option(DType.float16, "--dtype", help="Type of the unquantized weights."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the language model."),
-    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight: 4 or 8."),
-    q_group_size: int = typer.Option(
-        64, "--q-group-size", help="Quantization group size: 32, 64 or 128."
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight: 4 or 8 (default 4)."),
+    q_group_size: Optional[int] = typer.Option(
+        None, "--q-group-size", help="Quantization group size: 32, 64 or 128 (default 64)."
     ),
     quantize_vision: bool = typer.Option(
         False, "--quantize-vision", help="Also quantize the vision tower."
@@ -60,33 +61,38 @@ def run(
         None, "--upload-repo", help="Hugging Face repo to upload to."
     ),
 ) -> None:
-    try:
-        out = convert(
-            hf_path,
-            mlx_path,
-            vision=vision,
-            llm=llm,
-            dtype=dtype.value,
-            quantize=quantize,
-            q_bits=q_bits,
-            q_group_size=q_group_size,
-            quantize_vision=quantize_vision,
-            quantize_projector=quantize_projector,
-            projector_layers=projector_layers,
-            seed=seed,
-            force=force,
-            upload_repo=upload_repo,
-        )
-    except ConvertError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    given = {
+        "--q-bits": q_bits is not None,
+        "--q-group-size": q_group_size is not None,
+        "--quantize-vision": quantize_vision,
+        "--quantize-projector": quantize_projector,
+    }
+    for name, used in given.items():
+        if used and not quantize:
+            raise UserError(f"{name} needs -q/--quantize (it would be ignored without it)")
+    if projector_layers < 1:
+        raise UserError(f"--projector-layers must be at least 1; got {projector_layers}")
+    out = convert(
+        hf_path,
+        mlx_path,
+        vision=vision,
+        llm=llm,
+        dtype=dtype.value,
+        quantize=quantize,
+        q_bits=4 if q_bits is None else q_bits,
+        q_group_size=64 if q_group_size is None else q_group_size,
+        quantize_vision=quantize_vision,
+        quantize_projector=quantize_projector,
+        projector_layers=projector_layers,
+        seed=seed,
+        force=force,
+        upload_repo=upload_repo,
+    )
     typer.echo(f"Saved to {out}")
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    app(prog_name="mlx_llama3v.convert")
+    run_app(app, "mlx_llama3v.convert")
 
 
 if __name__ == "__main__":

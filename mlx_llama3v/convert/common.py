@@ -9,12 +9,9 @@ is common. Problems with the input raise ``ConvertError`` with a one-line messag
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import struct
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +20,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.utils import _download, quantize_model, save_config
+from mlx_lm.utils import quantize_model
 from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig, normalize_text_config
 from ..models.llama3v import Model
 from ..processing import PromptError, special_token_id
+from .._mlx_lm import download, save_config
+from ..errors import UserError, one_line
+from .. import files
+from ..files import check_safetensors, write_checksums, writing
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -37,12 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # copied as they are; transformers >= 5 keeps the chat template in its own file
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
-# Test hook: seconds to sleep once the weights are written, so a test can kill a
-# conversion while its output folder is incomplete.
-PAUSE_ENV = "MLX_LLAMA3V_CONVERT_PAUSE"
-
-
-class ConvertError(Exception):
+class ConvertError(UserError):
     """The input cannot be converted; the message is one line for the user."""
 
 
@@ -107,19 +103,18 @@ def resolve(path_or_repo: str) -> Path:
     if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
         raise ConvertError(f"{path_or_repo}: no such folder (and not a Hugging Face repo id)")
     try:
-        return _download(path_or_repo)
+        return download(path_or_repo)
     except Exception as e:  # hub errors come in many types
-        raise ConvertError(f"{path_or_repo}: cannot download ({_one_line(e)})") from None
+        raise ConvertError(f"{path_or_repo}: cannot download ({one_line(e)})") from None
 
 
 def read_json(path: Path, what: str = "") -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing{' (' + what + ')' if what else ''}") from None
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({_one_line(e)})") from None
+        data = files.read_json(path, ConvertError)
+    except ConvertError as e:
+        if what and not Path(path).exists():
+            raise ConvertError(f"{path}: missing ({what})") from None
+        raise e from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     return data
@@ -153,25 +148,7 @@ def weight_files(folder: Path) -> List[Path]:
 
 def safetensors_keys(path: Path) -> List[str]:
     """Tensor names in a safetensors file, after checking the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConvertError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise ConvertError(f"{path}: truncated safetensors file (header cut short)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ConvertError(f"{path}: corrupt safetensors header") from None
-    keys = [k for k in header if k != "__metadata__"]
-    end = max((header[k]["data_offsets"][1] for k in keys), default=0)
-    if 8 + n + end > size:
-        raise ConvertError(
-            f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})"
-        )
-    return keys
+    return [k for k in check_safetensors(path) if k != "__metadata__"]
 
 
 def checkpoint_keys(folder: Path) -> Tuple[List[Path], List[str]]:
@@ -195,7 +172,7 @@ def load_weights(files: Sequence[Path]) -> Dict[str, mx.array]:
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:
-            raise ConvertError(f"{path}: cannot read ({_one_line(e)})") from None
+            raise ConvertError(f"{path}: cannot read ({one_line(e)})") from None
     return weights
 
 
@@ -261,7 +238,7 @@ def text_config(
     try:
         return normalize_text_config(fields, derived=_text_shapes(fields, weights, prefix), published=published)
     except ValueError as e:
-        raise ConvertError(f"language model config: {_one_line(e)}") from None
+        raise ConvertError(f"language model config: {one_line(e)}") from None
 
 
 def _text_shapes(config: dict, weights: Dict[str, mx.array], prefix: str) -> dict:
@@ -295,7 +272,7 @@ def make_config(**kwargs) -> ModelConfig:
     try:
         return ModelConfig.from_dict(kwargs)
     except (ValueError, TypeError) as e:
-        raise ConvertError(f"inconsistent config: {_one_line(e)}") from None
+        raise ConvertError(f"inconsistent config: {one_line(e)}") from None
 
 
 def checkpoint_source(
@@ -333,7 +310,7 @@ def build_model(source: Source) -> Model:
         model = Model(source.config)
         weights = model.sanitize(source.weights)
     except ValueError as e:
-        raise ConvertError(_one_line(e)) from None
+        raise ConvertError(one_line(e)) from None
     expected = dict(tree_flatten(model.parameters()))
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -399,10 +376,10 @@ def write_tokenizer(source: Source, dst: Path):
     # MiniCPM names a remote-code tokenizer class; the tokenizer itself is plain BPE
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config.pop("auto_map", None)
-    _write_json(dst / "tokenizer.json", tok)
-    _write_json(dst / "tokenizer_config.json", tok_config)
+    files.write_json(dst / "tokenizer.json", tok)
+    files.write_json(dst / "tokenizer_config.json", tok_config)
     if special_map:
-        _write_json(dst / "special_tokens_map.json", special_map)
+        files.write_json(dst / "special_tokens_map.json", special_map)
     copy_if_present(src, dst, CHAT_TEMPLATE_FILES)
     return _check_tokenizer(dst, needed, source.config.text_config.vocab_size)
 
@@ -447,12 +424,12 @@ def _check_tokenizer(folder: Path, needed: List[str], vocab_size: int):
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
     except Exception as e:
-        raise ConvertError(f"the tokenizer does not load ({_one_line(e)})") from None
+        raise ConvertError(f"the tokenizer does not load ({one_line(e)})") from None
     for token in needed:
         try:
             tid = special_token_id(tokenizer, token)
         except PromptError as e:
-            raise ConvertError(f"tokenizer: {_one_line(e)}") from None
+            raise ConvertError(f"tokenizer: {one_line(e)}") from None
         if tid >= vocab_size:
             raise ConvertError(
                 f"tokenizer: {token!r} has id {tid}, beyond the model's {vocab_size} embeddings"
@@ -499,13 +476,15 @@ def staging(target: Path, force: bool) -> Iterator[Path]:
     """
     target = target.absolute()
     check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(target)
+        tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
-        yield tmp
+        with writing(target):
+            yield tmp
         check_target(target, force)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -535,29 +514,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def pause_for_tests() -> None:
-    seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)
-
-
 def write_config(config: ModelConfig, extra: dict, folder: Path) -> None:
     out = {**extra, **config.to_dict()}
     if out.get("quantization") is None:
         out.pop("quantization", None)
-    save_config(out, folder / "config.json", keep_vision_config=True)
+    save_config(out, folder / "config.json")
+
+
+def record_checksums(folder: Path) -> None:
+    """``checksums.json`` for the weight files, so ``load(verify=True)`` can check them."""
+    write_checksums(folder, [f.name for f in folder.glob("model*.safetensors")])
 
 
 def copy_if_present(src: Path, dst: Path, names: Sequence[str]) -> None:
     for name in names:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -14,8 +14,9 @@ it back::
     feats, batch = stack_features([item])
     rows = model.project(feats, batch)  # projector input, as from the tower
 
-Modules: ``cache`` (format, writer, reader, verify), ``codec`` (stored dtypes, int8),
-``sources`` (folders, path lists, LLaVA JSON), ``pipeline`` (decode threads, batching,
+Modules: ``cache`` (format, writer, reader, healing, verify), ``lookup`` (the SQLite
+key and path table), ``codec`` (stored dtypes, int8), ``sources`` (folders, path
+lists, LLaVA / MiniCPM-V JSON, datasets), ``pipeline`` (decode threads, batching,
 background writing), ``distributed`` (splitting over ``mlx.launch`` ranks),
 ``runner`` (one run), ``cli``.
 """

@@ -7,21 +7,15 @@ image source, settings that do not match the cache, an unreadable image with
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .. import cpu
+from ..cli import command, fail, new_app, run_app
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def fail(message: str, code: int = 2):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+app = new_app()
 
 
 def _size(n: float) -> str:
@@ -31,10 +25,11 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-@app.command(
+@command(
+    app,
     help="Encode images with a model's vision tower (features before the projector) into a "
     "resumable, sharded safetensors feature cache. Run it under mlx.launch to split the work "
-    "over ranks."
+    "over ranks.",
 )
 def run(
     model: Optional[str] = typer.Option(
@@ -44,7 +39,8 @@ def run(
         None,
         "--images",
         "-i",
-        help="A folder (recursive), a text file of paths, or a LLaVA .json/.jsonl dataset.",
+        help="A folder (recursive), a text file of paths, a LLaVA / MiniCPM-V .json/.jsonl, "
+        "a saved datasets folder or a .parquet file.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Cache folder (created or resumed)."
@@ -73,8 +69,6 @@ def run(
         None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
     ),
 ) -> None:
-    from .cache import CacheError
-
     if out is None:
         fail("--out is required")
     if verify:
@@ -83,25 +77,28 @@ def run(
         fail("--model is required")
     if images is None:
         fail("--images is required")
-    from .runner import EmbedError, embed
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1; got {batch_size}")
+    if workers is not None and workers < 1:
+        fail(f"--workers must be at least 1; got {workers}")
+    if not shard_size > 0 or shard_size == float("inf"):
+        fail(f"--shard-size must be a positive number of MB; got {shard_size}")
+    from .runner import embed
 
     show = sys.stderr.isatty() if progress is None else progress
-    try:
-        summary = embed(
-            model,
-            images,
-            out,
-            image_root=image_root,
-            dtype=dtype,
-            batch_size=batch_size,
-            workers=workers,
-            shard_size_mb=shard_size,
-            strict=strict,
-            progress=show,
-            log=typer.echo,
-        )
-    except (EmbedError, CacheError) as e:
-        fail(str(e))
+    summary = embed(
+        model,
+        images,
+        out,
+        image_root=image_root,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        shard_size_mb=shard_size,
+        strict=strict,
+        progress=show,
+        log=typer.echo,
+    )
     if summary.report is None:  # ranks other than 0 print nothing
         return
     _print_summary(summary)
@@ -125,12 +122,9 @@ def _print_summary(s) -> None:
 
 
 def _verify(out: Path) -> None:
-    from .cache import CacheError, verify
+    from .cache import verify
 
-    try:
-        checked, bad = verify(out)
-    except CacheError as e:
-        fail(str(e))
+    checked, bad = verify(out)
     for name, problem in bad:
         typer.echo(f"BAD {name}: {problem}")
     if bad:
@@ -140,10 +134,8 @@ def _verify(out: Path) -> None:
 
 
 def main() -> None:
-    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
-    # SIGTERM unwinds like Ctrl-C, so finished images are committed before exiting
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    app(prog_name="mlx_llama3v.embed")
+    # SIGTERM unwinds like Ctrl-C (run_app), so finished images are committed before exiting
+    run_app(app, "mlx_llama3v.embed")
 
 
 if __name__ == "__main__":

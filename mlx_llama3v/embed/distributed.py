@@ -6,58 +6,19 @@ exchanged with ``all_gather`` so every rank knows every image's key. Each distin
 key is then owned by the rank that hashed its first occurrence, so no image is
 encoded twice and the work splits evenly. Ranks write their own shards and
 journals into the shared output folder; after a barrier rank 0 merges the journals
-into ``index.json``. Without a launcher this is a group of one and costs nothing.
+into ``index.json``. Without a launcher this is a group of one and costs nothing
+(``mlx_llama3v.distributed.Ranks``).
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import mlx.core as mx
 import numpy as np
 
+from ..distributed import Ranks
+
 DIGEST = 32
-
-
-class Group:
-    """The ranks of this run (``mx.distributed`` group, or just this process)."""
-
-    def __init__(self, group=None):
-        self.group = group
-        self.rank = group.rank() if group is not None else 0
-        self.size = group.size() if group is not None else 1
-
-    @classmethod
-    def init(cls) -> "Group":
-        if not mx.distributed.is_available():
-            return cls()
-        group = mx.distributed.init()
-        return cls(group if group.size() > 1 else None)
-
-    def _cpu(self, fn, x: mx.array) -> np.ndarray:
-        with mx.stream(mx.cpu):
-            out = fn(x, group=self.group)
-            mx.eval(out)
-        return np.array(out)
-
-    def all_sum(self, values: Sequence[int]) -> List[int]:
-        if self.size == 1:
-            return list(values)
-        out = self._cpu(mx.distributed.all_sum, mx.array(np.asarray(values, dtype=np.int32)))
-        return [int(v) for v in out]
-
-    def barrier(self) -> None:
-        self.all_sum([0])
-
-    def agree(self, ok: bool) -> bool:
-        """True when every rank is ok (a barrier too)."""
-        return self.all_sum([0 if ok else 1])[0] == 0
-
-    def all_gather(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of every rank, rank 0's first; every rank must pass the same shape."""
-        if self.size == 1:
-            return rows
-        return self._cpu(mx.distributed.all_gather, mx.array(rows))
 
 
 def share(count: int, rank: int, size: int) -> range:
@@ -66,7 +27,7 @@ def share(count: int, rank: int, size: int) -> range:
 
 
 def exchange_digests(
-    group: Group, count: int, mine: Sequence[Optional[bytes]]
+    group: Ranks, count: int, mine: Sequence[Optional[bytes]]
 ) -> List[Optional[bytes]]:
     """Every item's digest (None where its rank could not read it), on every rank.
 

@@ -5,11 +5,13 @@ Three stages overlap:
 1. ``prepared``: a thread pool reads each image file, checks its bytes still hash to
    the key, decodes and preprocesses it into normalised tiles (PIL and numpy release
    the GIL). Results come back in input order, at most ``prefetch`` ahead.
-2. ``TileBatcher`` + ``Encoder`` (main thread): tiles wait in buckets of equal shape
+2. ``TileBatcher`` + ``BatchEncoder`` (main thread): tiles wait in buckets of equal shape
    until ``batch_size`` of one shape are there, then go through
    ``VisionTower.encode`` as one batch (no padding; shapes mix only to bound memory
-   and at the end), are cast to the storage dtype on the device and their storage
-   error is measured.
+   and at the end of each shard), are cast to the storage dtype on the device and
+   their storage error is measured. Results come back in input order and shards end
+   at fixed points of the work list, so the batches, and every stored byte, follow
+   from the inputs alone (not from decode timing, load or interruptions).
 3. ``BackgroundWriter``: a thread that hands finished images to the ``ShardWriter``
    (serialising, fsync and rename happen off the main thread).
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import queue
 import threading
 import time
@@ -37,15 +38,6 @@ import numpy as np
 from ..processing import ImageError, preprocess_image
 from .cache import EncodedImage, ShardWriter
 from .codec import ErrorStats, error_terms, stats_from, store, to_numpy
-
-# Test hook: seconds to sleep after each encoded batch and in the middle of each shard
-# write, so a test can kill the command at a chosen moment.
-DELAY_ENV = "MLX_LLAMA3V_EMBED_TEST_DELAY"
-
-
-def test_delay() -> float:
-    return float(os.environ.get(DELAY_ENV, "0") or 0)
-
 
 @dataclass
 class WorkItem:
@@ -68,6 +60,8 @@ def prepare(item: WorkItem, processor_config: dict) -> Prepared:
         data = item.path.read_bytes()
     except OSError as e:
         return Prepared(item, error=f"{item.path}: cannot read file ({e.strerror or e})")
+    except Exception as e:  # an image inside a dataset: datasets / pyarrow errors
+        return Prepared(item, error=f"{item.path}: cannot read the image ({e})")
     if hashlib.sha256(data).hexdigest() != item.key:
         return Prepared(item, error=f"{item.path}: file changed while the command ran")
     src = io.BytesIO(data)
@@ -166,9 +160,11 @@ class TileBatcher:
 
 # ------------------------------------------------------------------ writer thread
 class BackgroundWriter:
-    """Runs ``ShardWriter.add`` on a thread; ``close`` flushes and re-raises its error."""
+    """Runs ``ShardWriter.add`` on a thread; ``end_shard`` commits what it was given so
+    far as one shard; ``close`` commits the rest and re-raises the thread's error."""
 
     _DONE = object()
+    _FLUSH = object()
 
     def __init__(self, writer: ShardWriter, max_images: int = 64):
         self.writer = writer
@@ -184,7 +180,10 @@ class BackgroundWriter:
                 break
             if self.error is None:
                 try:
-                    self.writer.add(image)
+                    if image is self._FLUSH:
+                        self.writer.flush()
+                    else:
+                        self.writer.add(image)
                 except BaseException as e:  # noqa: BLE001  (re-raised on the main thread)
                     self.error = e
         if self.error is None:
@@ -198,6 +197,9 @@ class BackgroundWriter:
             raise self.error
         self.queue.put(image)
 
+    def end_shard(self) -> None:
+        self.put(self._FLUSH)
+
     def close(self) -> None:
         self.queue.put(self._DONE)
         self.thread.join()
@@ -210,12 +212,18 @@ class FeatureOverflow(RuntimeError):
     """Finite features became infinite in the storage dtype."""
 
 
-class Encoder:
+class BatchEncoder:
     """Encodes tile batches; emits each image once all its tiles are done."""
 
-    def __init__(self, tower, dtype: str, emit: Callable[[EncodedImage], None]):
+    def __init__(
+        self,
+        tower,
+        dtype: str,
+        emit: Callable[[EncodedImage], None],
+        after_batch: Optional[Callable[[], None]] = None,
+    ):
         self.tower, self.dtype, self.emit = tower, dtype, emit
-        self.delay = test_delay()
+        self.after_batch = after_batch  # called after each encoded batch (tests pause there)
         self.busy = 0.0  # seconds in the tower and the storage casts
 
     def start(self, p: Prepared) -> _Pending:
@@ -236,8 +244,8 @@ class Encoder:
         self.busy += time.perf_counter() - start
         for group, batch, values, scales, terms in groups:
             self._collect(refs, group, batch, values, scales, terms)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _collect(self, refs, group, batch, values, scales, terms) -> None:
         v, t = to_numpy(values), np.asarray(terms)

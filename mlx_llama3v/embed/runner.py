@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -33,11 +34,23 @@ from mlx.utils import tree_flatten
 from ..models.vision import VisionTower
 from ..processing import resolve_processor_config
 from . import cache as cache_mod
-from .cache import REPORT, CacheError, ShardWriter, committed_shards, journal_name, load_index
-from .codec import ErrorStats, check_dtype
-from .distributed import Group, exchange_digests, owners, share
-from .pipeline import BackgroundWriter, Encoder, FeatureOverflow, TileBatcher, WorkItem, prepared
+from .cache import (
+    REPORT,
+    CacheError,
+    ShardWriter,
+    committed_shards,
+    journal_name,
+    load_index,
+    normalised_path,
+)
+from .codec import ErrorStats, bytes_per_tile, check_dtype
+from ..distributed import Ranks
+from .distributed import exchange_digests, owners, share
+from .lookup import Lookup, file_stat
+from .pipeline import BackgroundWriter, BatchEncoder, FeatureOverflow, TileBatcher, WorkItem, prepared
 from .sources import SourceError, describe, list_images
+from ..errors import UserError, one_line
+from ..files import output_error, writing
 
 # processor_config keys that change the pixels the tower sees (prompt keys do not)
 PREPROCESSING_KEYS = (
@@ -52,7 +65,7 @@ PREPROCESSING_KEYS = (
 )
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
     """A problem the user can fix; the message is one line."""
 
 
@@ -109,7 +122,7 @@ def load_vision(model) -> Tuple[VisionTower, dict, str, str]:
             model, _ = load(name, lazy=True)  # lazy: the language model is never read
         except Exception as e:  # loader errors come in many types; one line for the user
             raise EmbedError(
-                f"cannot load model {name} ({' '.join(str(e).split()) or type(e).__name__})"
+                f"cannot load model {name} ({one_line(e)})"
             ) from None
     else:
         name = type(model).__name__
@@ -162,6 +175,21 @@ def make_settings(tower: VisionTower, processor_config: dict, family: str, dtype
 
 # ------------------------------------------------------------------ steps
 @contextmanager
+def _no_empty_cache_left(root: Path, fresh: bool):
+    """A run that created the cache (under its lock) and stops before committing any
+    image removes it again."""
+    try:
+        yield
+    except BaseException:
+        try:
+            if fresh and root.is_dir() and not committed_shards(root):
+                shutil.rmtree(root, ignore_errors=True)
+        except (CacheError, OSError, ValueError):
+            pass
+        raise
+
+
+@contextmanager
 def locked(root: Path, enabled: bool):
     """Hold an exclusive lock on ``root/.lock`` (one writer per cache folder)."""
     if not enabled:
@@ -172,8 +200,10 @@ def locked(root: Path, enabled: bool):
     except ImportError:  # no POSIX locks: run unguarded
         yield
         return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "w")
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -181,31 +211,50 @@ def locked(root: Path, enabled: bool):
         yield
 
 
-def open_cache(root: Path, settings: dict, model_name: str, group: Group) -> List[dict]:
-    """Rank 0 creates/checks the index and cleans up; every rank gets the shard records."""
+def open_cache(
+    root: Path, settings: dict, model_name: str, group: Ranks, log=lambda s: None
+) -> List[dict]:
+    """Rank 0 creates/checks the index, drops damaged shards (``heal``) and cleans up;
+    every rank gets the shard records."""
     problem = None
     if group.rank == 0:
         try:
             cache_mod.open_for_writing(root, settings, model_name)
             cache_mod.merge_journals(root)
+            cache_mod.heal(root, log)
             cache_mod.remove_orphans(root, committed_shards(root))
             for stale in root.glob("report.rank*.json"):  # from an interrupted distributed run
                 stale.unlink()
-        except (CacheError, OSError) as e:
+        except CacheError as e:
             problem = str(e)
+        except OSError as e:
+            problem = str(output_error(root, e))
     if not group.agree(problem is None):
         raise EmbedError(problem or "rank 0 could not open the output folder")
     return committed_shards(root)
 
 
-def cached_keys(root: Path, records: Sequence[dict]) -> set:
-    keys = set()
-    for r in records:
-        keys.update(cache_mod.read_json(root / cache_mod.SHARDS / r["entries"])["images"])
-    return keys
+def cached_keys(lookup: Lookup) -> set:
+    """Keys of every cached image, from the lookup table (no entry file is read)."""
+    return set(lookup.keys())
 
 
-def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
+def hash_file(path: Path, known=None) -> Tuple[Optional[bytes], Optional[str], Optional[tuple]]:
+    """(sha256, error, (size, mtime_ns) before reading); ``known`` = (size, mtime_ns,
+    key) from the path map, used instead of reading when the file still matches it."""
+    if not isinstance(path, Path):  # an image inside a dataset
+        try:
+            return hashlib.sha256(path.read_bytes()).digest(), None, None
+        except Exception as e:  # datasets / pyarrow errors come in many types
+            return None, f"{path}: cannot read the image ({e})", None
+    st = file_stat(path)
+    if known is not None and st is not None and st == tuple(known[:2]):
+        return bytes.fromhex(known[2]), None, st
+    digest, error = _hash_file(path)
+    return digest, error, st
+
+
+def _hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -220,16 +269,37 @@ def hash_file(path: Path) -> Tuple[Optional[bytes], Optional[str]]:
         return None, f"{path}: cannot read file ({e.strerror or e})"
 
 
-def hash_all(paths: Sequence[Path], group: Group, workers: int, progress: bool):
-    """(key or None per path, [(path, error)] of this rank's unreadable files)."""
-    mine = [paths[i] for i in share(len(paths), group.rank, group.size)]
+def hash_all(paths: Sequence[Path], group: Ranks, workers: int, progress: bool, lookup=None):
+    """(key or None per path, [(path, error)] of this rank's unreadable files).
+
+    Files the path map of ``lookup`` knows with the same size and mtime are not read.
+    Rank 0 then writes the path map for every readable path.
+    """
+    index = list(share(len(paths), group.rank, group.size))
+    mine = [paths[i] for i in index]
+    files = [normalised_path(p) for p in mine if isinstance(p, Path)]
+    known = lookup.path_entries(files) if lookup else {}
+    work = lambda p: hash_file(p, known.get(normalised_path(p)) if isinstance(p, Path) else None)  # noqa: E731
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
-            _bar(pool.map(hash_file, mine), len(mine), "hashing", progress and len(mine) > 500)
+            _bar(pool.map(work, mine), len(mine), "hashing", progress and len(mine) > 500)
         )
-    failures = [(str(p), err) for p, (_, err) in zip(mine, results) if err]
-    digests = exchange_digests(group, len(paths), [d for d, _ in results])
-    return [d.hex() if d is not None else None for d in digests], failures
+    failures = [(str(p), err) for p, (_, err, _) in zip(mine, results) if err]
+    digests = exchange_digests(group, len(paths), [d for d, _, _ in results])
+    keys = [d.hex() if d is not None else None for d in digests]
+    if group.rank == 0 and lookup is not None:
+        stats = {i: st for i, (_, _, st) in zip(index, results)}
+        rows = []
+        for i, (path, key) in enumerate(zip(paths, keys)):
+            if not isinstance(path, Path):
+                continue
+            st = stats[i] if i in stats else file_stat(path)  # other ranks' share: stat here
+            if key is not None and st is not None:
+                name = normalised_path(path)
+                if known.get(name) != (*st, key):  # only what is new or changed
+                    rows.append((name, st[0], st[1], key))
+        lookup.put_paths(rows)
+    return keys, failures
 
 
 def _bar(iterable, total: int, desc: str, enabled: bool, **kw):
@@ -252,6 +322,7 @@ def encode_items(
     strict: bool,
     progress: bool,
     desc: str,
+    after_batch: Optional[Callable[[], None]] = None,
 ) -> Tuple[int, List[Tuple[str, str]], float]:
     """Run the pipeline over ``items``; (images encoded, failures, seconds the tower worked)."""
     failures: List[Tuple[str, str]] = []
@@ -265,8 +336,14 @@ def encode_items(
         if bar is not None:
             bar.update(1)
 
-    encoder = Encoder(tower, dtype, emit)
+    encoder = BatchEncoder(tower, dtype, emit, after_batch)
     batcher = TileBatcher(batch_size, max_tiles=4 * batch_size)
+    # Shards end at fixed points of the work list (after the image that brings the
+    # stored bytes to the target), and the batcher is drained there: which tiles share
+    # a tower batch, and so every stored bit, depends on the inputs alone, never on
+    # decode timing, and a rerun after a kill rebuilds the very shards it lost.
+    patch, width = tower.config.patch_size, tower.config.hidden_size
+    chunk_bytes = 0
     stop = None
     try:
         for p in prepared(
@@ -283,6 +360,15 @@ def encode_items(
             batcher.add(encoder.start(p), p.tiles)
             for refs in batcher.ready():
                 encoder.encode(refs)
+            chunk_bytes += sum(
+                bytes_per_tile((t.shape[0] // patch) * (t.shape[1] // patch), width, dtype)
+                for t in p.tiles
+            )
+            if chunk_bytes >= writer.shard_bytes:
+                for refs in batcher.drain():
+                    encoder.encode(refs)
+                background.end_shard()
+                chunk_bytes = 0
         for refs in batcher.drain():  # with --strict too: keep what was decoded before
             encoder.encode(refs)
     except FeatureOverflow as e:
@@ -318,9 +404,11 @@ class Plan:
         )
 
 
-def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progress: bool) -> Plan:
+def plan_work(
+    paths, done: set, group: Ranks, workers: int, strict: bool, progress: bool, lookup=None
+) -> Plan:
     """Hash every image (split over ranks), drop duplicates and cached ones, take my share."""
-    keys, failures = hash_all(paths, group, workers, progress and group.rank == 0)
+    keys, failures = hash_all(paths, group, workers, progress and group.rank == 0, lookup)
     if strict and failures:
         raise EmbedError(f"{failures[0][1]} (--strict)")
     first = owners(keys, group.size)
@@ -335,7 +423,14 @@ def plan_work(paths, done: set, group: Group, workers: int, strict: bool, progre
 
 
 def make_writer(
-    root: Path, group: Group, settings: dict, model_name: str, dtype: str, shard_size_mb: float
+    root: Path,
+    group: Ranks,
+    settings: dict,
+    model_name: str,
+    dtype: str,
+    shard_size_mb: float,
+    midway: Optional[Callable[[], None]] = None,
+    lookup=None,
 ) -> ShardWriter:
     """A writer committing to index.json, or, in a distributed run, to this rank's journal."""
     if group.size == 1:
@@ -349,7 +444,8 @@ def make_writer(
         dtype,
         rank=group.rank,
         shard_bytes=int(shard_size_mb * 1e6),
-        midway=_midway_hook(),
+        midway=midway,
+        lookup=lookup if group.size == 1 else None,  # ranks' shards enter it at the merge
     )
 
 
@@ -384,16 +480,20 @@ def embed(
     strict: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    after_batch: Optional[Callable[[], None]] = None,
+    midway: Optional[Callable[[], None]] = None,
 ) -> Summary:
     """Encode every image of ``images`` into the cache at ``out`` (see the module doc).
 
     ``model``: a converted model folder / repo id, or a loaded ``Model``. ``workers``:
-    decoding threads (default: the cores, at most 8).
+    decoding threads (default: the cores, at most 8). ``after_batch`` runs after each
+    encoded batch and ``midway`` in the middle of each shard write (tests pause there
+    to interrupt a run at a chosen moment).
     """
     t0 = time.perf_counter()
     _check_options(dtype, batch_size, shard_size_mb)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    group = Group.init()
+    group = Ranks()
     paths = _list(images, image_root)
     tower, pcfg, family, model_name = load_vision(model)
     tower = compute_tower(tower)
@@ -405,12 +505,17 @@ def embed(
         except CacheError as e:
             raise EmbedError(str(e)) from None
     t_work = time.perf_counter()
-    with locked(root, group.rank == 0):
-        records = open_cache(root, settings, model_name, group)
-        plan = plan_work(paths, cached_keys(root, records), group, workers, strict, progress)
+    fresh = group.rank == 0 and not root.exists()
+    with locked(root, group.rank == 0), _no_empty_cache_left(root, fresh), ExitStack() as stack:
+        open_cache(root, settings, model_name, group, log)
+        lookup = Lookup(root, writable=group.rank == 0)
+        stack.callback(lookup.close)
+        plan = plan_work(paths, cached_keys(lookup), group, workers, strict, progress, lookup)
         if group.rank == 0:
             log(plan.describe(images, group.size))
-        writer = make_writer(root, group, settings, model_name, dtype, shard_size_mb)
+        writer = make_writer(
+            root, group, settings, model_name, dtype, shard_size_mb, midway, lookup
+        )
         desc = "embedding" if group.size == 1 else f"embedding (rank 0 of {group.size})"
         encoded, bad, busy = encode_items(
             plan.todo,
@@ -423,8 +528,9 @@ def embed(
             strict=strict,
             progress=progress and group.rank == 0,
             desc=desc,
+            after_batch=after_batch,
         )
-        summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype)
+        summary = _finish(root, group, plan, encoded, plan.failures + bad, dtype, lookup)
         summary.work_seconds = time.perf_counter() - t_work
         summary.tower_seconds = busy
         summary.seconds = time.perf_counter() - t0
@@ -434,7 +540,9 @@ def embed(
     return summary
 
 
-def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype: str) -> Summary:
+def _finish(
+    root: Path, group: Ranks, plan: Plan, encoded: int, failures, dtype: str, lookup=None
+) -> Summary:
     """Counts over every rank; on rank 0, the merged index and the cache totals."""
     _write_rank_report(root, group, failures)
     counts = group.all_sum([encoded, len(failures)])  # also: every rank has committed
@@ -450,25 +558,20 @@ def _finish(root: Path, group: Group, plan: Plan, encoded: int, failures, dtype:
     )
     if group.rank == 0:
         cache_mod.merge_journals(root)
+        if lookup is not None:
+            lookup.sync(committed_shards(root), lambda r: cache_mod.read_entries(root, r))
         summary.failures = _gather_failures(root, group, failures)
         summary.report = str(root / REPORT)
         _fill_cache_totals(summary, root)
     return summary
 
 
-def _midway_hook():
-    from .pipeline import test_delay
-
-    delay = test_delay()
-    return (lambda: time.sleep(delay)) if delay else None
-
-
-def _write_rank_report(root: Path, group: Group, failures) -> None:
+def _write_rank_report(root: Path, group: Ranks, failures) -> None:
     if group.size > 1:
         cache_mod.write_json(root / f"report.rank{group.rank}.json", {"failures": failures})
 
 
-def _gather_failures(root: Path, group: Group, mine) -> List[Tuple[str, str]]:
+def _gather_failures(root: Path, group: Ranks, mine) -> List[Tuple[str, str]]:
     if group.size == 1:
         return list(mine)
     out = []

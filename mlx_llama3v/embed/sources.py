@@ -5,8 +5,13 @@ once (the first occurrence wins):
 
 - a folder: every file with an image extension below it, recursively, sorted;
 - a ``.json`` file: a LLaVA-style list of records (or ``{"data": [...]}``) whose
-  ``image`` field is a path or a list of paths; records without one are text-only;
+  ``image`` field is a path, a list of paths, or MiniCPM-V's ``{"<image_00>": path}``;
+  records without one are text-only; read streamed (``train.readers``);
 - a ``.jsonl`` file: one such record per line;
+- a saved Hugging Face dataset folder or a ``.parquet`` file whose ``image`` (or
+  ``images``) column holds paths or the images themselves (``datasets.Image`` /
+  ``{"bytes", "path"}``): those become ``DatasetImage`` items, read from the
+  memory-mapped dataset when they are hashed and decoded, never all held at once;
 - any other file: one path per line; blank lines and lines starting with ``#`` are
   ignored.
 
@@ -22,11 +27,12 @@ import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, List
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The image source cannot be read; the message is one line for the user."""
 
 
@@ -34,19 +40,89 @@ def list_images(src, image_root=None) -> List[Path]:
     src = Path(src).expanduser()
     if not src.exists():
         raise SourceError(f"image source {src} not found")
-    if src.is_dir():
+    if src.is_dir() and not _is_saved_dataset(src):
         return _unique(_walk(src))
     root = Path(image_root).expanduser() if image_root else src.parent
     if image_root and not root.is_dir():
         raise SourceError(f"--image-root {root} is not a folder")
     suffix = src.suffix.lower()
-    if suffix == ".json":
+    if src.is_dir() or suffix == ".parquet":
+        names = _dataset_images(src)
+    elif suffix == ".json" and not _starts_with(src, b"{"):
+        names = _streamed_images(src)
+    elif suffix == ".json":
         names = _json_images(src)
     elif suffix == ".jsonl":
-        names = _jsonl_images(src)
+        names = _streamed_images(src)
     else:
         names = _text_lines(src)
-    return _unique(root / n for n in names)
+    return _unique(n if isinstance(n, DatasetImage) else root / n for n in names)
+
+
+class DatasetImage:
+    """An image stored inside a dataset row, read on demand (``read_bytes``).
+
+    ``sub`` picks it out of a list or ``{marker: image}`` value; the name
+    (``dataset[row].column``) stands for it in messages and reports.
+    """
+
+    def __init__(self, ds, row: int, column: str, sub, source: Path):
+        self.ds, self.row, self.column, self.sub = ds, row, column, sub
+        self.name = f"{source}[{row}].{column}" + ("" if sub is None else f"[{sub!r}]")
+
+    def read_bytes(self) -> bytes:
+        value = self.ds[self.row][self.column]
+        if self.sub is not None:
+            value = value[self.sub]
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        if not isinstance(value, (bytes, bytearray)):
+            raise OSError(f"no image bytes in {self.name}")
+        return bytes(value)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def _dataset_images(path: Path) -> Iterator:
+    """Paths (relative ones as they are) and ``DatasetImage`` items of a dataset's image column."""
+    from ..train.readers import ReaderError, load_local_dataset
+
+    try:
+        ds = load_local_dataset(path)
+    except ReaderError as e:
+        raise SourceError(str(e)) from None
+    column = next((c for c in ("image", "images") if c in ds.column_names), None)
+    if column is None:
+        return
+    view = ds.select_columns([column])
+    for start in range(0, len(view), 1000):
+        for j, value in enumerate(view[start : start + 1000][column]):
+            yield from _dataset_values(value, ds, start + j, column, None, path)
+
+
+def _dataset_values(value, ds, row: int, column: str, sub, path: Path) -> Iterator:
+    if value is None:
+        return
+    if isinstance(value, str) and value:
+        yield value
+    elif isinstance(value, (bytes, bytearray)) or (
+        isinstance(value, dict) and value.get("bytes") is not None
+    ):
+        yield DatasetImage(ds, row, column, sub, path)
+    elif isinstance(value, dict) and value.get("path"):
+        yield value["path"]
+    elif isinstance(value, dict) and sub is None:  # MiniCPM-V {marker: image}
+        for k, v in value.items():
+            yield from _dataset_values(v, ds, row, column, k, path)
+    elif isinstance(value, list) and sub is None:
+        for k, v in enumerate(value):
+            yield from _dataset_values(v, ds, row, column, k, path)
+    else:
+        raise SourceError(f"{path}: row {row} has an {column!r} that is not an image or a path")
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -57,9 +133,14 @@ def _walk(folder: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _unique(paths: Iterable[Path]) -> List[Path]:
+def _unique(paths: Iterable) -> List:
     seen, out = set(), []
     for p in paths:
+        if isinstance(p, DatasetImage):
+            if p.name not in seen:
+                seen.add(p.name)
+                out.append(p)
+            continue
         key = os.path.normpath(p)
         if key not in seen:
             seen.add(key)
@@ -91,28 +172,49 @@ def _json_images(path: Path) -> List[str]:
     return [name for i, rec in enumerate(data) for name in _record_images(rec, path, f"record {i}")]
 
 
-def _jsonl_images(path: Path) -> List[str]:
-    out = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path}: invalid JSON on line {n} ({e.msg})") from None
-        out.extend(_record_images(rec, path, f"line {n}"))
-    return out
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(prefix)
+    except OSError as e:
+        raise SourceError(f"cannot read {path} ({e})") from None
+
+
+def _streamed_images(path: Path) -> Iterator[str]:
+    """Image paths of the records of a JSON array / JSONL file or a dataset, streamed."""
+    from ..train.readers import ReaderError, open_records
+
+    try:
+        records = open_records(path)
+        for rec in records:
+            unit = "row" if rec.row else "line"
+            if rec.error:
+                raise SourceError(f"{path}: invalid JSON on {unit} {rec.line} ({rec.error})")
+            yield from _record_images(rec.data, path, f"{unit} {rec.line}")
+    except ReaderError as e:
+        raise SourceError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {path} ({e})") from None
 
 
 def _record_images(rec, path: Path, where: str) -> List[str]:
     if not isinstance(rec, dict):
         raise SourceError(f"{path}: {where} is not an object")
-    image = rec.get("image")
+    image = rec.get("image", rec.get("images"))
     if image is None:
         return []
-    images = image if isinstance(image, list) else [image]
+    images = list(image.values()) if isinstance(image, dict) else image
+    images = images if isinstance(images, list) else [images]
     if not all(isinstance(i, str) and i for i in images):
-        raise SourceError(f"{path}: {where} has an 'image' that is not a path or a list of paths")
+        kind = "image bytes" if any(isinstance(i, bytes) for i in images) else "not a path"
+        raise SourceError(
+            f"{path}: {where} has an 'image' that is {kind} (embed reads image files: "
+            "a path, a list of paths or a {marker: path} mapping)"
+        )
     return images
 
 
@@ -121,5 +223,9 @@ def describe(src) -> str:
     src = Path(src)
     if src.is_dir():
         return f"folder {src}"
-    kind = {".json": "LLaVA JSON", ".jsonl": "LLaVA JSONL"}.get(src.suffix.lower(), "path list")
+    if src.is_dir() and _is_saved_dataset(src):
+        return f"dataset {src}"
+    kind = {".json": "LLaVA JSON", ".jsonl": "LLaVA JSONL", ".parquet": "parquet"}.get(
+        src.suffix.lower(), "path list"
+    )
     return f"{kind} {src}"

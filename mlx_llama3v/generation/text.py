@@ -17,7 +17,7 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Set, Tuple
 
-from mlx_lm.generate import TextStateMachine
+from .._mlx_lm import TextStateMachine
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     NaiveStreamingDetokenizer,

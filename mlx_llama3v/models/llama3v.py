@@ -47,13 +47,18 @@ class Model(nn.Module):
             return [out[i] for i in range(out.shape[0])]
         return [out[i, :n] for i, n in enumerate(batch.lengths)]
 
-    def encode_images(self, tiles: Sequence) -> List[mx.array]:
-        """Channels-last, normalised tiles -> one (tokens, LM width) array per tile."""
-        out: List[Optional[mx.array]] = [None] * len(tiles)
-        for group, batch, feats in self.encode_tiles(tiles):
+    def project_groups(self, groups, n_tiles: int) -> List[mx.array]:
+        """Projected rows of every tile, in tile order, from ``(tile indices, TileBatch,
+        features)`` groups (``encode_tiles``, or a feature cache)."""
+        out: List[Optional[mx.array]] = [None] * n_tiles
+        for group, batch, feats in groups:
             for i, rows in zip(group, self.project(feats, batch)):
                 out[i] = rows
         return out
+
+    def encode_images(self, tiles: Sequence) -> List[mx.array]:
+        """Channels-last, normalised tiles -> one (tokens, LM width) array per tile."""
+        return self.project_groups(self.encode_tiles(tiles), len(tiles))
 
     def get_input_embeddings(
         self,

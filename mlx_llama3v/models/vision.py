@@ -92,7 +92,7 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Encoder(nn.Module):
+class VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.layers = [
@@ -268,7 +268,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.encoder = Encoder(config)
+        self.encoder = VisionEncoder(config)
         if config.use_post_layernorm:
             self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ..errors import UserError, one_line
 
 # Decompression-bomb guard: 8192 x 8192 (about 67 megapixels). The declared size is
 # checked from the file header, before the pixel data is decoded. Pillow's own guard
@@ -26,7 +27,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image could not be loaded; the message names the source."""
 
 
@@ -86,11 +87,11 @@ def _decode(fp, name: str, size: int, max_pixels) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {_one_line(e)}") from None
+        raise ImageError(f"{name}: {one_line(e)}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image (unknown format or corrupt file)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"{name}: cannot read image ({_one_line(e)})") from None
+        raise ImageError(f"{name}: cannot read image ({one_line(e)})") from None
     return _finish(img, name, max_pixels)
 
 
@@ -99,11 +100,11 @@ def _finish(img: Image.Image, name: str, max_pixels) -> Image.Image:
     try:
         img.load()
     except Exception as e:  # Pillow's decoders raise a variety of types on bad data
-        raise ImageError(f"{name}: corrupt or truncated image ({_one_line(e)})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({one_line(e)})") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:
-        raise ImageError(f"{name}: cannot apply EXIF orientation ({_one_line(e)})") from None
+        raise ImageError(f"{name}: cannot apply EXIF orientation ({one_line(e)})") from None
     return _to_rgb(img, name)
 
 
@@ -132,7 +133,7 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
             return _on_white(img.convert("RGBA"))
         return img.convert("RGB")
     except (ValueError, OSError) as e:
-        raise ImageError(f"{name}: cannot convert mode {mode} to RGB ({_one_line(e)})") from None
+        raise ImageError(f"{name}: cannot convert mode {mode} to RGB ({one_line(e)})") from None
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:
@@ -179,8 +180,3 @@ def _array_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
             raise ImageError(f"{name}: float image values must lie in [0, 1], found [{lo:g}, {hi:g}]")
         return np.round(arr.astype(np.float64) * 255.0).astype(np.uint8)
     raise ImageError(f"{name}: unsupported dtype; use uint8, uint16, bool or float in [0, 1]")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

@@ -35,15 +35,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .images import MAX_IMAGE_PIXELS
-from .processor import ProcessedImage, preprocess_image, resolve_processor_config
+from .preprocess import ProcessedImage, family_layout, preprocess_image, resolve_processor_config
 from .slicing import Grid
+from ..errors import UserError
 
 BUNNY_TURN_END = "<|end_of_text|>"
 ROLES = ("system", "user", "assistant")
 _FROM_LIST = object()  # an image part that takes the next of ``images``
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A conversation cannot be turned into model input with this tokenizer/config."""
 
 
@@ -81,11 +82,14 @@ def build_prompt(
     """
     cfg = resolve_processor_config(processor_config)
     turns, sources = _normalise_messages(messages, images)
-    processed = [preprocess_image(src, cfg, max_pixels=max_pixels) for src in sources]
+    processed = [  # an already processed image (e.g. a cached tile layout) is used as it is
+        src if isinstance(src, ProcessedImage) else preprocess_image(src, cfg, max_pixels=max_pixels)
+        for src in sources
+    ]
     special = _special_ids(tokenizer, cfg, processed)
     placeholders = [_placeholder(p, cfg) for p in processed]
     rendered = [(role, _render_content(role, parts, placeholders, cfg)) for role, parts in turns]
-    if cfg["family"] == "bunny":
+    if family_layout(cfg).conversation == "bunny":
         text = _bunny_conversation(rendered, cfg, add_generation_prompt)
     else:
         text = _chat_template(tokenizer, rendered, add_generation_prompt)
@@ -143,9 +147,9 @@ def _special_ids(tokenizer, cfg, processed: List[ProcessedImage]) -> Dict[str, i
         needed.update(image_start=cfg["image_start"], image_end=cfg["image_end"])
     if any(p.grid is not None for p in processed):
         needed.update(slice_start=cfg["slice_start"], slice_end=cfg["slice_end"])
-    if cfg["family"] == "siglip_llama3":
-        needed.update(text_start=cfg["text_start"], text_end=cfg["text_end"])
-    if cfg["family"] == "bunny":
+    layout = family_layout(cfg)
+    needed.update({key: cfg[key] for key in layout.extra_tokens})
+    if layout.conversation == "bunny":
         needed["turn_end"] = BUNNY_TURN_END
     return {k: special_token_id(tokenizer, v) for k, v in needed.items() if v is not None}
 
@@ -159,7 +163,7 @@ def _normalise_messages(messages, images) -> Tuple[List[Tuple[str, list]], List[
         if role not in ROLES:
             raise PromptError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
         parts = _parts(content, i)
-        for kind, value in parts:
+        for kind, _ in parts:
             if kind == "image" and role != "user":
                 raise PromptError(f"message {i}: images are only allowed in user messages")
         turns.append((role, parts))
@@ -218,7 +222,7 @@ def _placeholder(image: ProcessedImage, cfg) -> str:
 
 def _render_content(role: str, parts, placeholders: List[str], cfg) -> str:
     # the article's layout wraps the user's text in <text>...</text>; answers stay plain
-    if cfg["family"] == "siglip_llama3" and role == "user":
+    if family_layout(cfg).wraps_user_text and role == "user":
         return "".join(
             placeholders[v] if kind == "image" else cfg["text_start"] + v + cfg["text_end"]
             for kind, v in parts

@@ -8,7 +8,8 @@ The two-stage recipe:
 2. ``--stage sft``: the language model trains with mlx-lm's LoRA/DoRA layers (QLoRA on
    a quantized conversion) or in full; the projector too with ``--train-projector``.
 
-Modules: ``data`` (records, templates, loss masks, bad-data reports), ``batching``
+Modules: ``readers`` (every data format, streamed), ``data`` (records, templates, loss
+masks, bad-data reports), ``batching``
 (length buckets, padding), ``features`` (frozen vision features, projection),
 ``tuning`` (what trains; adapter files), ``loop`` (optimizer steps, validation,
 metrics), ``checkpoint`` (atomic, resumable), ``distributed`` (data parallel over

@@ -28,7 +28,6 @@ micro-batch) before each micro-batch, so it follows from the data position.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,8 +38,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..atomic import fsync_path, write_atomic
+from ..files import fsync_path, sha256_file, write_atomic, writing
 from .tuning import ADAPTERS, PROJECTOR
+from ..errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -49,7 +49,7 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The checkpoint cannot continue this run; the message is one line."""
 
 
@@ -71,23 +71,27 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically, point ``latest`` at it, keep the last ``keep``."""
     root = Path(out) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state.rng_key = [int(v) for v in mx.random.state[0].tolist()]
-    write_weights(tmp)
-    mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
-    (tmp / STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-    (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2), encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_path(f)
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            state.rng_key = [int(v) for v in mx.random.state[0].tolist()]
+            write_weights(tmp)
+            mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+            (tmp / STATE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+            (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2), encoding="utf-8")
+            for f in tmp.iterdir():
+                fsync_path(f)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no temporary folder
     write_atomic(root / LATEST, (name + "\n").encode())
     _prune(root, keep, final)
     return final
@@ -193,14 +197,6 @@ def read_checkpoint(path: Path, model, optimizer, fingerprint: str, micro_per_st
     return state, weights, tree_map_with_path(lambda k, _: saved[k], optimizer.state)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_sums(path: Path) -> None:
     """Every file against checksums.json (checkpoints written before it had none)."""
     if not (path / CHECKSUMS).exists():
@@ -214,7 +210,7 @@ def _check_sums(path: Path) -> None:
     for name, digest in sums.items():
         if not (path / str(name)).is_file():
             raise DamagedCheckpoint(f"{name} is missing")
-        if _sha256(path / str(name)) != digest:
+        if sha256_file(path / str(name)) != digest:
             raise DamagedCheckpoint(f"{name} does not match its checksum")
 
 

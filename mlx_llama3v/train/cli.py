@@ -7,6 +7,7 @@ fit), reported as one ``error: ...`` line on stderr.
 
 from __future__ import annotations
 
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import List, Optional
 
 import typer
 
-from .. import cpu
+from ..cli import command, fail, new_app, run_app
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = new_app()
 
 
 class Stage(str, Enum):
@@ -30,20 +31,25 @@ class FineTune(str, Enum):
     full = "full"
 
 
-def fail(message: str, code: int = 2):
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+def check_numbers(**values: float) -> None:
+    """Each ``--name`` given as name=(value, low, high): finite and within [low, high]."""
+    for name, (value, low, high) in values.items():
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            bound = f"at least {low}" + (f" and at most {high}" if high is not None else "")
+            fail(f"{flag} must be a finite number, {bound}; got {value}")
 
 
-@app.command(
+@command(
+    app,
     help="Train a Llama 3-V style model. Stage 'pretrain' trains the projector alone (vision "
     "tower and LLM frozen), from a feature cache (--features) or encoding images on the fly; "
     "stage 'sft' fine-tunes the language model with LoRA/DoRA (QLoRA on a quantized model) or "
-    "in full. Run it under mlx.launch for data-parallel training."
+    "in full. Run it under mlx.launch for data-parallel training.",
 )
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Converted model folder (or repo id)."),
-    data: List[Path] = typer.Option(..., "--data", "-d", help="Training data (.json/.jsonl); repeatable."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="Training data: .json/.jsonl (LLaVA, MiniCPM-V, chat), a saved datasets folder, .parquet, or hf:<id>[:split]; repeatable."),
     out: Path = typer.Option(Path("adapters"), "--out", "-o", help="Output folder (adapters, checkpoints, metrics)."),
     stage: Stage = typer.Option(Stage.sft, "--stage", help="pretrain: projector only; sft: language model."),
     valid: List[Path] = typer.Option([], "--valid", help="Validation data file; repeatable."),
@@ -79,10 +85,8 @@ def run(
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations in the backward pass (less memory)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
 ) -> None:
-    from .checkpoint import ResumeError
-    from .data import DataError
     from .loop import LoopArgs, TrainingDiverged
-    from .run import TrainConfig, TrainError, train
+    from .run import TrainConfig, train
     from .tuning import TuneConfig
 
     if lora_rank < 1:
@@ -91,6 +95,18 @@ def run(
         fail("--iters, --batch-size, --grad-accumulation-steps, --save-every and --keep-checkpoints must be positive")
     if not 0 <= valid_fraction < 1:
         fail("--valid-fraction must be in [0, 1)")
+    if learning_rate <= 0 or not math.isfinite(learning_rate):
+        fail(f"--learning-rate must be a positive finite number; got {learning_rate}")
+    check_numbers(
+        lora_alpha=(lora_alpha, 0, None),
+        lora_dropout=(lora_dropout, 0, 1),
+        min_lr_ratio=(min_lr_ratio, 0, 1),
+        weight_decay=(weight_decay, 0, None),
+        max_grad_norm=(max_grad_norm, 0, None),
+        warmup_steps=(warmup_steps, 0, None),
+        max_length=(max_length, 1, None),
+        steps_per_eval=(steps_per_eval, 0, None),
+    )
     keys = [k.strip() for k in lora_keys.split(",") if k.strip()] if lora_keys else None
     config = TrainConfig(
         model=model,
@@ -135,17 +151,14 @@ def run(
     )
     try:
         train(config)
-    except (TrainError, DataError, ResumeError) as e:
-        fail(str(e))
     except TrainingDiverged as e:
-        fail(str(e), code=1)
+        fail(e, code=1)
     except FileNotFoundError as e:
-        fail(" ".join(str(e).split()))
+        fail(e)
 
 
 def main() -> None:
-    cpu.enable()  # the Linux CPU speed-ups (mlx_llama3v/cpu.py)
-    app(prog_name="mlx_llama3v.train")
+    run_app(app, "mlx_llama3v.train")
 
 
 if __name__ == "__main__":

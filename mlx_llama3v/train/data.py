@@ -1,18 +1,24 @@
 """Training data: read conversations with images, tokenize them, mask the loss.
 
-Two local formats, one record per JSONL line or as a JSON array (``[`` first):
+Records come from ``readers`` (JSONL, JSON arrays, Hugging Face datasets; streamed) in
+these formats:
 
 - LLaVA: ``{"image": "a.jpg" | [...], "conversations": [{"from": "human", "value":
   "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}``; roles
   human/user, gpt/assistant, system. Each ``<image>`` marker becomes the next image
   at that place; with no marker the images open the first human turn (LLaVA's rule).
+- MiniCPM-V's: the same with ``role``/``content`` turns, and ``image`` a path or a
+  ``{"<image_00>": path, ...}`` map whose markers place each image in the text.
 - chat: ``{"messages": [{"role": "user", "content": [{"type": "image_url",
   "image_url": {"url": "a.jpg"}}, {"type": "text", "text": "What is this?"}]},
   {"role": "assistant", "content": "A cat."}], "images": [...]}`` with OpenAI-style
   content parts (``image_url``, or ``image`` with a path, or ``image`` taking the next
   of ``images``).
 
-Relative image paths are read under ``image_root`` (default: the data file's folder).
+Relative image paths are read under ``image_root`` (default: the data file's folder);
+images stored in a dataset arrive as ``ImageBytes``. With a feature cache the
+``SampleEncoder`` takes each image's key and tile layout from the cache (``layout``) and
+opens no image file.
 
 The loss falls on assistant tokens only, found from the chat template itself: the
 tokens of assistant turn i are those between the rendering of messages[:i] with the
@@ -29,8 +35,8 @@ reported as ``file:line: reason`` and skipped (``DataReport`` counts them), or r
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,7 +47,10 @@ import numpy as np
 
 from ..models.projector import tokens_per_tile
 from ..processing import ImageError, PromptError, build_prompt, load_image
-from ..processing.processor import resolve_processor_config
+from ..errors import UserError, one_line
+from ..processing import resolve_processor_config
+from ..processing import ProcessedImage
+from .readers import ImageBytes, Record, ReaderError, open_records
 
 ROLE_ALIASES = {
     "human": "user",
@@ -53,7 +62,7 @@ ROLE_ALIASES = {
 IMAGE_MARKER = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record under ``strict``: the message is one line, ``file:line: reason``."""
 
 
@@ -61,17 +70,19 @@ class BadSample(ValueError):
     """One record cannot be used; ``str(e)`` is the reason."""
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a million samples are held at once
 class Sample:
     """One tokenized conversation ready for batching.
 
     ``ids`` (int32) is the whole sequence; ``targets[t]`` is True where token t is
-    an assistant token (learnt from position t - 1). ``images`` are the sources in
-    placeholder order; ``tile_patches[k]`` the patch count of each tile of image k.
+    an assistant token (learnt from position t - 1), kept as the ``spans`` of the
+    answers, [start, end) pairs (a few ints instead of a byte per token). ``images``
+    are the sources in placeholder order; ``tile_patches[k]`` the patch count of each
+    tile of image k.
     """
 
     ids: np.ndarray
-    targets: np.ndarray
+    spans: Tuple[Tuple[int, int], ...]
     images: List[Any]
     tile_patches: List[List[int]]
     where: str
@@ -82,8 +93,15 @@ class Sample:
         return len(self.ids)
 
     @property
+    def targets(self) -> np.ndarray:
+        out = np.zeros(len(self.ids), dtype=bool)
+        for start, end in self.spans:
+            out[start:end] = True
+        return out
+
+    @property
     def num_targets(self) -> int:
-        return int(self.targets.sum())
+        return sum(end - start for start, end in self.spans)
 
 
 @dataclass
@@ -125,68 +143,15 @@ class DataReport:
         return text
 
 
-@dataclass
-class Record:
-    """A raw record and where it came from."""
-
-    data: Any
-    path: Path
-    line: int
-    error: Optional[str] = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.path}:{self.line}"
-
-
 # ------------------------------------------------------------------ reading
 def read_records(path) -> Iterator[Record]:
-    """Records of a JSONL file, or of a JSON array file, with their line numbers.
+    """Records of a JSONL or JSON array file, a parquet file or a saved / hub dataset,
+    with their positions (streamed: see ``readers``).
 
     A line that is not valid JSON is yielded with ``error`` set. In a JSON array the
     rest of the file after a syntax error cannot be read; that is one bad record.
     """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        yield from _array_records(text, path)
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield Record(json.loads(line), path, n)
-        except ValueError as e:
-            yield Record(None, path, n, f"malformed JSON ({_first_line(e)})")
-
-
-def _array_records(text: str, path: Path) -> Iterator[Record]:
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        pos = _skip_space(text, pos)
-        if pos < len(text) and text[pos] == "]":
-            return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except ValueError as e:
-            yield Record(None, path, line, f"malformed JSON ({_first_line(e)}); rest of file unread")
-            return
-        yield Record(value, path, line)
-        pos = _skip_space(text, pos)
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos >= len(text) or text[pos] != "]":
-            line = text.count("\n", 0, pos) + 1
-            yield Record(None, path, line, "malformed JSON array (expected ',' or ']')")
-            return
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
+    return open_records(path)
 
 
 # ------------------------------------------------------------------ normalising
@@ -202,24 +167,34 @@ def to_messages(record: Any, image_root: Path) -> List[Dict[str, Any]]:
 
 
 def _llava_messages(record: Mapping, root: Path) -> List[Dict[str, Any]]:
+    """LLaVA records, and MiniCPM-V's: ``image`` may map markers to paths
+    (``{"<image_00>": "a.jpg", ...}``), each marker in the text taking its own image."""
     images = record.get("image", record.get("images"))
-    images = [] if images is None else [images] if isinstance(images, str) else list(images)
-    pending = [_image_path(src, root) for src in images]
+    named: Dict[str, Any] = {}
+    if isinstance(images, Mapping):
+        named = {str(k): _image_path(v, root) for k, v in images.items()}
+        pending = []
+    else:
+        images = [] if images is None else list(images) if isinstance(images, list) else [images]
+        pending = [_image_path(src, root) for src in images]
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise BadSample("'conversations' must be a list")
+    markers = _marker_pattern(named)
+    unused = dict(named)
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
             raise BadSample(f"conversation turn {i} is not an object")
         role = ROLE_ALIASES.get(str(turn.get("from", turn.get("role"))).lower())
         if role is None:
-            raise BadSample(f"turn {i}: unknown speaker {turn.get('from')!r}")
+            raise BadSample(f"turn {i}: unknown speaker {turn.get('from', turn.get('role'))!r}")
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise BadSample(f"turn {i}: 'value' must be a string")
-        parts = _split_markers(value, pending) if role == "user" else value
+        parts = _split_markers(value, pending, markers, named, unused) if role == "user" else value
         messages.append({"role": role, "content": parts})
+    pending += list(unused.values())
     if pending:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
@@ -229,16 +204,31 @@ def _llava_messages(record: Mapping, root: Path) -> List[Dict[str, Any]]:
     return messages
 
 
-def _split_markers(value: str, pending: List[str]) -> List[Dict[str, Any]]:
-    """Text with ``<image>`` markers -> parts, each marker taking the next pending image."""
-    pieces = value.split(IMAGE_MARKER)
+def _marker_pattern(named: Mapping[str, Any]):
+    names = sorted(named, key=len, reverse=True) + [IMAGE_MARKER]
+    return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+
+
+def _split_markers(value: str, pending: List[Any], markers, named, unused) -> List[Dict[str, Any]]:
+    """Text with image markers -> parts: ``<image>`` takes the next pending image (or the
+    next named one), a named marker (``<image_00>``) its own image."""
+    pieces = markers.split(value)
+    texts, found = pieces[0::2], pieces[1::2]
     parts = []
-    for k, piece in enumerate(pieces):
+    for k, piece in enumerate(texts):
         if k:
-            if not pending:
+            marker = found[k - 1]
+            if marker in named:
+                image = named[marker]
+                unused.pop(marker, None)
+            elif pending:
+                image = pending.pop(0)
+            elif unused:
+                image = unused.pop(next(iter(unused)))
+            else:
                 raise BadSample(f"more {IMAGE_MARKER} markers than images")
-            parts.append({"type": "image", "image": pending.pop(0)})
-        piece = piece.strip("\n") if k or len(pieces) > 1 else piece
+            parts.append({"type": "image", "image": image})
+        piece = piece.strip("\n") if k or len(texts) > 1 else piece
         if piece.strip():
             parts.append({"type": "text", "text": piece})
     return parts
@@ -285,7 +275,12 @@ def _chat_part(part: Any, root: Path, extra: List[str], i: int) -> Dict[str, Any
     raise BadSample(f"message {i}: unknown content part type {kind!r}")
 
 
-def _image_path(src: Any, root: Path) -> str:
+def _image_path(src: Any, root: Path) -> Any:
+    """A local path (relative ones under ``root``), or image bytes / a PIL image from a dataset."""
+    if isinstance(src, ImageBytes) or _is_pil(src):
+        return src
+    if isinstance(src, (bytes, bytearray)):
+        return ImageBytes(bytes(src), f"<{len(src)} bytes>")
     if not isinstance(src, str) or not src:
         raise BadSample(f"image must be a path string, got {src!r}")
     if src.startswith(("http://", "https://", "data:")):
@@ -295,14 +290,20 @@ def _image_path(src: Any, root: Path) -> str:
     return str(path if path.is_absolute() else root / path)
 
 
+def _is_pil(src: Any) -> bool:
+    return type(src).__module__.startswith("PIL.")
+
+
 # ------------------------------------------------------------------ tokenizing
 @dataclass
-class Encoder:
+class SampleEncoder:
     """Turns messages into a ``Sample`` for one model: template, masks, checks.
 
     ``projector_config`` and the processor's patch size give the feature rows each
     tile will produce; ``features`` (optional) maps an image path to the patch
-    counts of its cached tiles, which must agree with the prompt's.
+    counts of its cached tiles, which must agree with the prompt's. ``layout``
+    (optional) maps an image source to (feature-cache key, its tile layout as a
+    ``ProcessedImage``): the prompt is built from the cache and no image is opened.
     """
 
     tokenizer: Any
@@ -310,6 +311,7 @@ class Encoder:
     projector_config: Any
     max_length: int
     features: Optional[Callable[[str], Sequence[int]]] = None
+    layout: Optional[Callable[[Any], Tuple[Any, ProcessedImage]]] = None
 
     def __post_init__(self):
         cfg = resolve_processor_config(self.processor_config)
@@ -318,18 +320,15 @@ class Encoder:
 
     def encode(self, messages: List[Dict[str, Any]], where: str) -> Tuple[Sample, Dict[str, int]]:
         """The sample and what shortening dropped (``tokens``, ``images``)."""
-        messages = _load_images(messages)
+        messages = _load_images(messages, self.layout)
         full = self._render(messages, generation_prompt=False)
         spans = self._assistant_spans(messages, full.input_ids)
         if not spans:
             raise BadSample("no assistant turn (nothing to learn)")
         ids = full.input_ids
-        targets = np.zeros(len(ids), dtype=bool)
-        for start, end in spans:
-            targets[start:end] = True
         patches = self._tile_patches(full)
         self._check_features(ids, patches, messages)
-        sample = Sample(ids, targets, _image_sources(messages), patches, where)
+        sample = Sample(ids, tuple(spans), _image_sources(messages), patches, where)
         return self._fit(sample, spans, full)
 
     def _render(self, messages, generation_prompt: bool):
@@ -392,7 +391,8 @@ class Encoder:
                 f"too long: {T} tokens > max length {limit}, and the cut would fall inside "
                 "an image"
             )
-        if not sample.targets[:cut].any():
+        kept_spans = tuple((a, min(b, cut)) for a, b in sample.spans if a < cut)
+        if not kept_spans:
             first = spans[0][0]
             raise BadSample(
                 f"too long: {T} tokens > max length {limit} (the first answer starts at "
@@ -401,8 +401,8 @@ class Encoder:
         kept = sum(1 for _, e in image_spans if e <= cut)
         dropped_images = len(sample.images) - kept
         short = Sample(
-            sample.ids[:cut],
-            sample.targets[:cut],
+            sample.ids[:cut].copy(),  # not a view that keeps the whole sequence
+            kept_spans,
             sample.images[:kept],
             sample.tile_patches[:kept],
             sample.where,
@@ -430,14 +430,15 @@ class Encoder:
 _IMAGE_MARKERS = ("image_start", "image_end", "slice_start", "slice_end")
 
 
-def _load_images(messages):
-    """Messages with every image part's file decoded once (prefix renders reuse it)."""
+def _load_images(messages, layout=None):
+    """Messages with every image part's file decoded once (prefix renders reuse it), or,
+    with ``layout``, its tile layout taken from the feature cache (no file opened)."""
     out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
             content = [
-                dict(p, image=_LoadedImage(p["image"])) if p["type"] == "image" else p
+                dict(p, image=_LoadedImage(p["image"], layout)) if p["type"] == "image" else p
                 for p in content
             ]
         out.append({"role": m["role"], "content": content})
@@ -445,21 +446,28 @@ def _load_images(messages):
 
 
 class _LoadedImage:
-    """A decoded image that remembers its path (``build_prompt`` takes the PIL image)."""
+    """A decoded image (or its cached tile layout) that remembers its source.
 
-    def __init__(self, path: str):
-        if not os.path.exists(path):
-            raise BadSample(f"missing image {path}")
+    ``image`` is what ``build_prompt`` takes; ``source`` what the sample keeps for
+    training: the path / bytes, or the feature-cache key.
+    """
+
+    def __init__(self, src, layout=None):
+        if layout is not None:
+            self.source, self.image = layout(src)
+            return
+        if isinstance(src, str) and not os.path.exists(src):
+            raise BadSample(f"missing image {src}")
         try:
-            self.image = load_image(path)
+            self.image = load_image(src)
         except ImageError as e:
             raise BadSample(str(e)) from None
-        self.path = path
+        self.source = src
 
 
 def _image_sources(messages) -> List[str]:
     return [
-        p["image"].path if isinstance(p["image"], _LoadedImage) else p["image"]
+        p["image"].source if isinstance(p["image"], _LoadedImage) else p["image"]
         for m in messages
         if isinstance(m["content"], list)
         for p in m["content"]
@@ -489,27 +497,37 @@ def _unwrap(messages):
     ]
 
 
-# ------------------------------------------------------------------ datasets
+# ------------------------------------------------------------------ data sets
 def load_samples(
     paths: Sequence,
-    encoder: Encoder,
+    encoder: SampleEncoder,
     image_root: Optional[Path] = None,
     strict: bool = False,
     keep: Callable[[int], bool] = lambda i: True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    progress: bool = False,
 ) -> Tuple[List[Sample], DataReport]:
-    """Every usable sample of the files, in file order, and the report.
+    """Every usable sample of the sources, in order, and the report.
 
-    ``keep(i)`` picks which records (numbered over all files) this process reads,
+    ``keep(i)`` picks which records (numbered over all sources) this process reads,
     for data-parallel ranks; the others are not opened beyond their JSON line.
+    Records are streamed (``readers``): memory holds the samples kept, not the file.
+    ``progress``: a bar per source with rate and ETA (bytes of a file, rows of a dataset).
     """
     report = DataReport()
     samples: List[Sample] = []
     index = 0
     for path in paths:
-        root = Path(image_root) if image_root else Path(path).parent
-        for record in read_records(path):
+        root = Path(image_root) if image_root else _default_root(path)
+        try:
+            stream = read_records(path)
+        except (ReaderError, OSError) as e:
+            raise DataError(f"{path}: {one_line(e)}" if isinstance(e, OSError) else str(e)) from None
+        bar = _bar(stream, path, progress)
+        for record in stream:
             i, index = index, index + 1
+            if bar is not None:
+                bar.update(stream.done - bar.n)
             if not keep(i):
                 continue
             try:
@@ -519,7 +537,7 @@ def load_samples(
                 if strict:
                     raise DataError(f"{record.where}: {reason}") from None
                 report.skipped[_kind(reason)] += 1
-                log(f"skipped {record.where}: {reason}")
+                _write(log, bar, f"skipped {record.where}: {reason}")
                 continue
             sample.index = i
             samples.append(sample)
@@ -528,18 +546,52 @@ def load_samples(
                 report.shortened += 1
                 report.tokens_dropped += dropped["tokens"]
                 report.images_dropped += dropped["images"]
+        if bar is not None:
+            bar.close()
     report.records = index
     return samples, report
 
 
-def _encode_record(record: Record, encoder: Encoder, root: Path):
+def _default_root(path) -> Path:
+    text = str(path)
+    if text.startswith("hf:"):
+        return Path.cwd()
+    p = Path(text).expanduser()
+    return p if p.is_dir() else p.parent
+
+
+def _bar(stream, path, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=stream.total,
+        unit=stream.unit,
+        unit_scale=stream.unit == "B",
+        desc=f"reading {Path(str(path)).name}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
+def _write(log, bar, text: str) -> None:
+    if bar is None:
+        log(text)
+    else:
+        bar.clear()
+        log(text)
+        bar.refresh()
+
+
+def _encode_record(record: Record, encoder: SampleEncoder, root: Path):
     if record.error:
         raise BadSample(record.error)
     messages = to_messages(record.data, root)
     try:
         return encoder.encode(messages, record.where)
     except (PromptError, ImageError) as e:
-        raise BadSample(_first_line(e)) from None
+        raise BadSample(one_line(e)) from None
 
 
 def _kind(reason: str) -> str:
@@ -576,5 +628,3 @@ def _unit_hash(seed: int, index: int) -> float:
     return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
 
 
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

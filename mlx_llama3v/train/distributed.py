@@ -17,64 +17,27 @@ rank with no samples in a batch contributes zero gradients.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import mlx.core as mx
 import numpy as np
-from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
+from ..distributed import Ranks
 
-class World:
-    """This process's place among the ranks."""
 
-    def __init__(self):
-        self.group = mx.distributed.init() if mx.distributed.is_available() else None
-        self.rank = self.group.rank() if self.group is not None else 0
-        self.size = self.group.size() if self.group is not None else 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+class World(Ranks):
+    """This process's place among the ranks, and which records it reads."""
 
     def owns(self, record: int) -> bool:
         return record % self.size == self.rank
-
-    def sum(self, values: Sequence[float]) -> np.ndarray:
-        """Element-wise sum over ranks (float64 results; float32 on the wire)."""
-        x = np.asarray(values, dtype=np.float32)
-        if self.size == 1:
-            return x.astype(np.float64)
-        with mx.stream(mx.cpu):
-            out = mx.distributed.all_sum(mx.array(x), group=self.group)
-            mx.eval(out)
-        return np.array(out).astype(np.float64)
-
-    def sum_ints(self, values: Sequence[int]) -> np.ndarray:
-        x = np.asarray(values, dtype=np.int32)
-        if self.size == 1:
-            return x
-        with mx.stream(mx.cpu):
-            out = mx.distributed.all_sum(mx.array(x), group=self.group)
-            mx.eval(out)
-        return np.array(out)
-
-    def agree(self, ok: bool) -> bool:
-        """True when every rank is ok."""
-        return int(self.sum_ints([0 if ok else 1])[0]) == 0
-
-    def average(self, grads):
-        """Gradients averaged over ranks (identity for one rank)."""
-        if self.size == 1:
-            return grads
-        return average_gradients(grads, group=self.group)
 
     def gather_lengths(self, mine: Dict[int, int], count: int) -> Dict[int, int]:
         """record -> length for every usable record of every rank (0 = unusable)."""
         lengths = np.zeros(count, dtype=np.int32)
         for i, n in mine.items():
             lengths[i] = n
-        lengths = self.sum_ints(lengths)
+        lengths = self.all_sum(lengths)
         return {i: int(n) for i, n in enumerate(lengths) if n > 0}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.tuner.utils import build_schedule as lm_build_schedule
 from tqdm import tqdm
 
 from .batching import Batch, BatchPlan, collate
@@ -37,11 +37,6 @@ from .data import Sample
 from .distributed import World, zeros_like
 from .features import VisionFeatures, project
 from .metrics import METRICS, MetricsLog
-
-# Test hook: "STEP:SECONDS" sleeps after optimizer step STEP, so a test can kill the
-# run at a known point.
-PAUSE_ENV = "MLX_LLAMA3V_TRAIN_PAUSE"
-
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN/inf; the message is one line."""
@@ -67,13 +62,19 @@ class LoopArgs:
 
 
 def build_schedule(args: LoopArgs):
-    """Linear warmup to the peak learning rate, then cosine decay to ``min_lr_ratio`` of it."""
+    """Linear warmup to the peak learning rate, then cosine decay to ``min_lr_ratio`` of it.
+
+    mlx-lm's ``build_schedule``: the warmup rises from ``lr / warmup_steps`` to ``lr`` over
+    the first ``warmup_steps`` steps, then the cosine runs over the remaining ``iters``.
+    """
     lr, warmup = args.learning_rate, max(0, args.warmup_steps)
-    decay = optim.cosine_decay(lr, max(1, args.iters - warmup), lr * args.min_lr_ratio)
-    if warmup == 0:
-        return decay
-    ramp = optim.linear_schedule(lr / warmup, lr, max(1, warmup - 1))
-    return optim.join_schedules([ramp, decay], [warmup])
+    config = {
+        "name": "cosine_decay",
+        "arguments": [lr, max(1, args.iters - warmup), lr * args.min_lr_ratio],
+    }
+    if warmup > 1:  # mlx-lm joins the warmup at warmup + 1
+        config.update(warmup=warmup - 1, warmup_init=lr / warmup)
+    return lm_build_schedule(config)
 
 
 def build_optimizer(args: LoopArgs) -> optim.Optimizer:
@@ -98,17 +99,31 @@ def _loss_from_embeddings(model, ids, targets, embeds, scale):
     return token_loss(model, ids, targets, embeds) * scale
 
 
+@dataclass
+class TrainingData:
+    """This rank's samples (by record number) and the global batch plans."""
+
+    train: Dict[int, Sample]
+    valid: Dict[int, Sample]
+    plan: BatchPlan
+    valid_plan: Optional[BatchPlan] = None
+
+
 class Trainer:
-    """Runs the optimizer steps over this rank's share of the batch plan."""
+    """Runs the optimizer steps over this rank's share of the batch plan.
+
+    ``features`` gives the vision features of a batch; ``write_weights(folder)`` saves
+    the trained weights into a checkpoint; ``fingerprint`` names the settings a
+    checkpoint must match to be resumed; ``on_step(step)`` runs after each optimizer
+    step, its metrics and any checkpoint (a caller may report progress or stop there).
+    """
 
     def __init__(
         self,
         model,
         args: LoopArgs,
-        train: Dict[int, Sample],
-        valid: Dict[int, Sample],
-        plan: BatchPlan,
-        valid_plan: Optional[BatchPlan],
+        data: TrainingData,
+        *,
         features: VisionFeatures,
         trains_projector: bool,
         pad_id: int,
@@ -117,15 +132,16 @@ class Trainer:
         fingerprint: str,
         world: Optional[World] = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+        on_step: Optional[Callable[[int], None]] = None,
     ):
         self.model, self.args = model, args
-        self.train_samples, self.valid_samples = train, valid
-        self.plan, self.valid_plan = plan, valid_plan
+        self.train_samples, self.valid_samples = data.train, data.valid
+        self.plan, self.valid_plan = data.plan, data.valid_plan
         self.features, self.trains_projector = features, trains_projector
         self.pad_id, self.out = pad_id, Path(out)
         self.write_weights, self.fingerprint = write_weights, fingerprint
         self.world = world or World()
-        self.log = log
+        self.log, self.on_step = log, on_step
         self.optimizer = build_optimizer(args)
         self.metrics = MetricsLog(self.out / METRICS, enabled=self.world.is_main)
         self.state = TrainState(seed=args.seed, fingerprint=fingerprint)
@@ -178,7 +194,8 @@ class Trainer:
                     self._validate()
                 if step % args.steps_per_save == 0 and step < args.iters:
                     self.save()
-                _pause_for_tests(step)
+                if self.on_step is not None:
+                    self.on_step(step)
         self._validate()
         self.save()
         return self.state
@@ -319,11 +336,3 @@ def checkpointed(layer):
         yield
     finally:
         cls.__call__ = original
-
-
-def _pause_for_tests(step: int) -> None:
-    spec = os.environ.get(PAUSE_ENV, "")
-    if ":" in spec:
-        at, seconds = spec.split(":", 1)
-        if int(at) == step:
-            time.sleep(float(seconds))

@@ -16,6 +16,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from ..files import write_atomic, writing
+
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 
@@ -30,12 +32,12 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+        write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in kept).encode("utf-8"))
 
     def write(self, entry: Dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
 

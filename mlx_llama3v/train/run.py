@@ -22,15 +22,18 @@ import mlx.core as mx
 from ..loading import load
 from .batching import BatchPlan
 from .checkpoint import CHECKPOINTS, TrainState
-from .data import DataError, DataReport, Encoder, Sample, load_samples, split_train_valid
+from .data import DataError, DataReport, SampleEncoder, Sample, load_samples, split_train_valid
 from .distributed import World
-from .features import VisionFeatures, tile_patch_counts
-from .loop import LoopArgs, Trainer
+from .features import VisionFeatures, cache_layout
+from .loop import LoopArgs, Trainer, TrainingData
+from .readers import ReaderError, check_source
 from .metrics import METRICS, PLOT, plot_losses, read_metrics
 from .tuning import TuneConfig, describe_counts, parameter_counts, prepare_model, save_outputs
+from ..errors import UserError
+from ..files import check_writable, writing
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """The run cannot start as asked; the message is one line for the user."""
 
 
@@ -60,7 +63,11 @@ class TrainResult:
     out: Path
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    log: Callable[[str], None] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> TrainResult:
     world = World()
     log = log or (lambda s: print(s, file=sys.stderr) if world.is_main else None)
     out = Path(config.out).expanduser()
@@ -69,13 +76,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     model, processor = load(config.model)
     prepare_model(model, config.tune)
     counts = parameter_counts(model)
-    cache = _feature_cache(config.features)
-    encoder = Encoder(
+    cache = _feature_cache(config.features, model, config.model)
+    encoder = SampleEncoder(
         processor.tokenizer,
         processor.config,
         model.config.projector_config,
         config.max_length,
-        features=tile_patch_counts(cache) if cache is not None else None,
+        layout=cache_layout(cache, processor.config) if cache is not None else None,
     )
     train_set, valid_set, reports = _read_data(config, encoder, world, log)
     log(describe_counts(counts))
@@ -93,21 +100,20 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
     trainer = Trainer(
         model,
         config.loop,
-        train_set,
-        valid_set,
-        plan,
-        valid_plan,
-        VisionFeatures(model, processor.config, cache),
-        config.tune.trains_projector,
-        _pad_id(processor.tokenizer, model.config.image_token_id),
-        out,
-        write,
-        _fingerprint(config),
-        world,
-        log,
+        TrainingData(train_set, valid_set, plan, valid_plan),
+        features=VisionFeatures(model, processor.config, cache),
+        trains_projector=config.tune.trains_projector,
+        pad_id=_pad_id(processor.tokenizer, model.config.image_token_id),
+        out=out,
+        write_weights=write,
+        fingerprint=_fingerprint(config),
+        world=world,
+        log=log,
+        on_step=on_step,
     )
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
     if config.resume and not trainer.resume():
         log(f"no checkpoint in {out}: starting from the beginning")
     if trainer.state.step == 0:
@@ -125,6 +131,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = None) -> TrainResult
 
 
 def _check_out(out: Path, resume: bool) -> None:
+    check_writable(out)
     if not resume and (out / CHECKPOINTS).exists():
         raise TrainError(
             f"{out} already holds a training run: pass --resume to continue it, "
@@ -132,19 +139,40 @@ def _check_out(out: Path, resume: bool) -> None:
         )
 
 
-def _feature_cache(path: Optional[str]):
+# the cache settings that must match the model being trained
+MATCHING_SETTINGS = ("family", "vision_config", "preprocessing", "vision_fingerprint")
+
+
+def _feature_cache(path: Optional[str], model, model_name: str):
+    """The ``--features`` cache, refused at once if another model (or other image
+    settings) made it, or if a shard is missing or has the wrong size."""
     if path is None:
         return None
     from ..embed import CacheError, FeatureCache
+    from ..embed.runner import load_vision, make_settings
 
     try:
-        return FeatureCache(path)
+        cache = FeatureCache(path)
     except CacheError as e:
         raise TrainError(str(e)) from None
+    tower, processor_config, family, _ = load_vision(model)
+    expected = make_settings(tower, processor_config, family, cache.settings.get("dtype", ""))
+    differ = [k for k in MATCHING_SETTINGS if cache.settings.get(k) != expected[k]]
+    if differ:
+        raise TrainError(
+            f"{path}: the feature cache was made with other settings than {model_name} "
+            f"({', '.join(differ)} differ); encode the images again with mlx_llama3v.embed "
+            "--model for this model, or leave out --features"
+        )
+    try:
+        cache.check_files()
+    except CacheError as e:
+        raise TrainError(str(e)) from None
+    return cache
 
 
 def _read_data(
-    config: TrainConfig, encoder: Encoder, world: World, log
+    config: TrainConfig, encoder: SampleEncoder, world: World, log
 ) -> Tuple[Dict[int, Sample], Dict[int, Sample], Tuple[DataReport, Optional[DataReport]]]:
     """This rank's training and validation samples (by record number) and the reports.
 
@@ -184,14 +212,17 @@ def _load(paths, encoder, config, world, log):
         Path(config.image_root) if config.image_root else None,
         strict=config.strict,
         keep=world.owns,
+        progress=config.loop.progress and world.is_main,
         log=log if world.size == 1 else (lambda s: print(f"[rank {world.rank}] {s}", file=sys.stderr)),
     )
 
 
 def _exists(paths) -> None:
     for p in paths:
-        if not Path(p).is_file():
-            raise TrainError(f"{p}: no such data file")
+        try:
+            check_source(p)
+        except ReaderError as e:
+            raise TrainError(str(e)) from None
 
 
 def _summarise(reports, world: World, log) -> None:
@@ -200,7 +231,7 @@ def _summarise(reports, world: World, log) -> None:
         if report is None:
             continue
         if world.size > 1:
-            kept, short, tokens, images, bad = world.sum_ints(
+            kept, short, tokens, images, bad = world.all_sum(
                 [report.kept, report.shortened, report.tokens_dropped,
                  report.images_dropped, report.num_skipped]
             )

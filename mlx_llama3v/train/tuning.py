@@ -15,7 +15,6 @@ beside them as ``projector.safetensors`` (keys relative to ``model.projector``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -24,6 +23,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import get_total_parameters
+
+from ..files import write_json, writing
 
 STAGES = ("pretrain", "sft")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -114,31 +115,30 @@ def describe_counts(counts: Dict[str, int]) -> str:
     )
 
 
-def trainable_weights(model) -> Dict[str, mx.array]:
-    """Every trainable parameter under its full model name (for checkpoints)."""
-    return dict(tree_flatten(model.trainable_parameters()))
-
-
 def save_outputs(model, config: TuneConfig, folder: Path, note: Dict) -> List[Path]:
     """Write the trained weights in the adapter format (see the module docstring).
 
     ``note`` (the run's settings) goes into ``training_config.json`` and, for
     ``sft``, into ``adapter_config.json`` beside mlx-lm's fields.
     """
-    folder = Path(folder)
+    with writing(folder):
+        return _save_outputs(model, config, Path(folder), note)
+
+
+def _save_outputs(model, config: TuneConfig, folder: Path, note: Dict) -> List[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     if config.trains_language_model:
         weights = dict(tree_flatten(model.language_model.trainable_parameters()))
         mx.save_safetensors(str(folder / ADAPTERS), weights, metadata={"format": "mlx"})
         adapter_config = dict(note, **adapter_fields(config))
-        _write_json(folder / ADAPTER_CONFIG, adapter_config)
+        write_json(folder / ADAPTER_CONFIG, adapter_config)
         written += [folder / ADAPTERS, folder / ADAPTER_CONFIG]
     if config.trains_projector:
         weights = dict(tree_flatten(model.projector.parameters()))
         mx.save_safetensors(str(folder / PROJECTOR), weights, metadata={"format": "mlx"})
         written.append(folder / PROJECTOR)
-    _write_json(folder / TRAINING_CONFIG, dict(note, **asdict(config)))
+    write_json(folder / TRAINING_CONFIG, dict(note, **asdict(config)))
     written.append(folder / TRAINING_CONFIG)
     return written
 
@@ -159,8 +159,3 @@ def load_projector(model, path) -> None:
     """Load ``projector.safetensors`` (keys relative to ``model.projector``) strictly."""
     weights = mx.load(str(path))
     model.projector.load_weights(list(weights.items()), strict=True)
-
-
-def _write_json(path: Path, data: Dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-

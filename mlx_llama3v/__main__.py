@@ -1,0 +1,5 @@
+"""``python -m mlx_llama3v SUBCOMMAND ...``."""
+
+from .cli import main
+
+main()
