@@ -63,12 +63,12 @@ def small_m(sizes, rounds: int) -> None:
 
     if cpu.blas.shim is None or not cpu.blas.small_m:
         raise SystemExit(f"error: the forwarder's small-M kernel is not in use ({cpu.describe()})")
-    I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     forwarder, sgemm = cpu.blas.shim.cblas_sgemm, cpu.blas.handle.scipy_cblas_sgemm
     sgemv = cpu.blas.handle.scipy_cblas_sgemv
     for fn in (forwarder, sgemm):
-        fn.argtypes = [I] * 6 + [F, P, I, P, I, F, P, I]
-    sgemv.argtypes = [I] * 4 + [F, P, I, P, I, F, P, I]
+        fn.argtypes = [i32] * 6 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    sgemv.argtypes = [i32] * 4 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
     threads = cpu._blas_threads(cpu.blas.handle)
 
     def best(fn, repeats):
@@ -80,35 +80,41 @@ def small_m(sizes, rounds: int) -> None:
             out = min(out, time.perf_counter() - t)
         return out
 
+    def row(w, m: int) -> str:
+        n, k = w.shape
+        a = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
+        c = np.empty((m, n), np.float32)
+        args = (101, 111, 112, m, n, k, 1.0, a.ctypes.data, k, w.ctypes.data, k, 0.0, c.ctypes.data, n)
+
+        def rows():
+            for i in range(m):
+                sgemv(101, 111, n, k, 1.0, w.ctypes.data, k, a[i].ctypes.data, 1, 0.0, c[i].ctypes.data, 1)
+
+        def one_thread():
+            cpu.set_small_m(cpu.SMALL_M_MAX, 1)
+            try:
+                forwarder(*args)
+            finally:
+                cpu.set_small_m(cpu.blas.small_m, threads)
+
+        repeats = max(2, min(20, int(2e8 / w.nbytes)))
+        candidates = {"fw": lambda: forwarder(*args), "one": one_thread, "gemm": lambda: sgemm(*args), "gemv": rows}
+        times = dict.fromkeys(candidates, float("inf"))
+        for _ in range(rounds):  # taking turns: the machine's load drifts
+            for name, fn in candidates.items():
+                times[name] = min(times[name], best(fn, repeats))
+        want = a.astype(np.float64) @ w.T.astype(np.float64)
+        forwarder(*args)
+        assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), "the forwarder's product is wrong"
+        cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
+        return f"| {k} x {n} | {m} | " + " | ".join(cells) + " |"
+
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min), cores: {os.cpu_count()}, BLAS threads: {threads}")
     print("| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|")
-    K = 2048
-    for N in sizes:
-        w = np.random.default_rng(0).standard_normal((N, K), dtype=np.float32)
-        repeats = max(2, min(20, int(2e8 / w.nbytes)))
-        for M in (1, 2, 4, 8, 16):
-            a = np.random.default_rng(M).standard_normal((M, K), dtype=np.float32)
-            c = np.empty((M, N), np.float32)
-            args = (101, 111, 112, M, N, K, 1.0, a.ctypes.data, K, w.ctypes.data, K, 0.0, c.ctypes.data, N)
-
-            def rows():
-                for i in range(M):
-                    sgemv(101, 111, N, K, 1.0, w.ctypes.data, K, a[i].ctypes.data, 1, 0.0, c[i].ctypes.data, 1)
-
-            times = {"fw": float("inf"), "one": float("inf"), "gemm": float("inf"), "gemv": float("inf")}
-            for _ in range(rounds):  # taking turns: the machine's load drifts
-                times["fw"] = min(times["fw"], best(lambda: forwarder(*args), repeats))
-                cpu.set_small_m(cpu.SMALL_M_MAX, 1)
-                times["one"] = min(times["one"], best(lambda: forwarder(*args), repeats))
-                cpu.set_small_m(cpu.blas.small_m, threads)
-                times["gemm"] = min(times["gemm"], best(lambda: sgemm(*args), repeats))
-                times["gemv"] = min(times["gemv"], best(rows, repeats))
-            want = a.astype(np.float64) @ w.T.astype(np.float64)
-            forwarder(*args)
-            assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), "the forwarder's product is wrong"
-            cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
-            print(f"| {K} x {N} | {M} | " + " | ".join(cells) + " |", flush=True)
-        del w
+    for n in sizes:
+        w = np.random.default_rng(0).standard_normal((n, 2048), dtype=np.float32)
+        for m in (1, 2, 4, 8, 16):
+            print(row(w, m), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
