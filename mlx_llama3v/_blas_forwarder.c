@@ -101,7 +101,9 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 enum { SMALL_M_MAX = 16, MAX_THREADS = 16 };
 static int small_m_limit = SMALL_M_MAX; /* 1: the kernel is off */
 static int pool_threads = 1;             /* parts a large product is split into */
-#define SPLIT_MIN_DEFAULT ((size_t)1 << 20) /* see benchmarks/blas.py --small-m --sizes 2048 */
+/* measured on 2 shared cores: split over 2 threads costs 5-25 us below 2048 x 1024 and breaks
+ * even at 2048 x 2048; the MLP weights (2048 x 8192) and the LM head are split */
+#define SPLIT_MIN_DEFAULT ((size_t)1 << 22)
 static size_t split_min = SPLIT_MIN_DEFAULT; /* N*K from which a product is split */
 
 static inline float hsum(v8 v) {
