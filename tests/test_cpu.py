@@ -257,6 +257,7 @@ def test_the_pool_survives_fork():
         "assert (product() == 64).all()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
+        "    import signal; signal.alarm(30)  # a hung child must not outlive the test\n"
         "    os._exit(0 if (product() == 64).all() and cpu.blas_calls()['small_split'] >= 2 else 1)\n"
         "print(os.waitpid(pid, 0)[1])"
     )
