@@ -10,6 +10,15 @@ behind the same forwarder, and with ``--lib PATH`` any other BLAS (e.g. a system
 16384 matrix-vector product (GB/s of weights streamed, what decode is made of),
 best of a few runs. Each candidate runs ``--rounds`` times, taking turns (the machine's load drifts).
 Run: ``python benchmarks/blas.py [--mkl DIR] [--lib PATH] [--rounds 2]``.
+
+``--small-m`` instead weighs the forwarder's few-row kernel (batched decode: M streams
+times a weight) against what it replaces, in one process, on the same numpy operands:
+C (M x N) = A (M x 2048) @ W.T, W (N x 2048) row-major (a Linear weight), for M = 1, 2,
+4, 8, 16 and N = 8192 (an MLP weight) and 128256 (the LM head). Columns: the forwarder's
+``cblas_sgemm`` (what MLX calls; M = 1 is its sgemv route), the same split over its thread
+pool or on one thread, OpenBLAS's sgemm, and M calls of OpenBLAS's sgemv; ms (best of a
+few) and GB/s of weight bytes read (W's size / time). ``--sizes 2048`` adds the small
+products where the pool's call overhead shows (the split threshold).
 """
 
 from __future__ import annotations
@@ -45,15 +54,83 @@ def worker() -> None:
     print(json.dumps({"gemm": 2 * n**3 / gemm / 1e9, "gemv": w.nbytes / gemv / 1e9, "blas": cpu.describe()}))
 
 
+def small_m(sizes, rounds: int) -> None:
+    import ctypes
+
+    import numpy as np
+
+    import mlx_llama3v.cpu as cpu
+
+    if cpu.blas.shim is None or not cpu.blas.small_m:
+        raise SystemExit(f"error: the forwarder's small-M kernel is not in use ({cpu.describe()})")
+    i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    forwarder, sgemm = cpu.blas.shim.cblas_sgemm, cpu.blas.handle.scipy_cblas_sgemm
+    sgemv = cpu.blas.handle.scipy_cblas_sgemv
+    for fn in (forwarder, sgemm):
+        fn.argtypes = [i32] * 6 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    sgemv.argtypes = [i32] * 4 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    threads = cpu._blas_threads(cpu.blas.handle)
+
+    def best(fn, repeats):
+        fn()
+        out = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    def row(w, m: int) -> str:
+        n, k = w.shape
+        a = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
+        c = np.empty((m, n), np.float32)
+        args = (101, 111, 112, m, n, k, 1.0, a.ctypes.data, k, w.ctypes.data, k, 0.0, c.ctypes.data, n)
+
+        def rows():
+            for i in range(m):
+                sgemv(101, 111, n, k, 1.0, w.ctypes.data, k, a[i].ctypes.data, 1, 0.0, c[i].ctypes.data, 1)
+
+        def one_thread():
+            cpu.set_small_m(cpu.SMALL_M_MAX, 1)
+            try:
+                forwarder(*args)
+            finally:
+                cpu.set_small_m(cpu.blas.small_m, threads)
+
+        repeats = max(2, min(20, int(2e8 / w.nbytes)))
+        candidates = {"fw": lambda: forwarder(*args), "one": one_thread, "gemm": lambda: sgemm(*args), "gemv": rows}
+        times = dict.fromkeys(candidates, float("inf"))
+        for _ in range(rounds):  # taking turns: the machine's load drifts
+            for name, fn in candidates.items():
+                times[name] = min(times[name], best(fn, repeats))
+        want = a.astype(np.float64) @ w.T.astype(np.float64)
+        forwarder(*args)
+        assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), "the forwarder's product is wrong"
+        cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
+        return f"| {k} x {n} | {m} | " + " | ".join(cells) + " |"
+
+    print(f"load average: {os.getloadavg()[0]:.2f} (1 min), cores: {os.cpu_count()}, BLAS threads: {threads}")
+    print("| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|")
+    for n in sizes:
+        w = np.random.default_rng(0).standard_normal((n, 2048), dtype=np.float32)
+        for m in (1, 2, 4, 8, 16):
+            print(row(w, m), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mkl", help="folder holding libmkl_rt.so.* (an mkl wheel's lib)")
     ap.add_argument("--lib", action="append", default=[], help="another BLAS library to compare")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--small-m", action="store_true", help="the few-row kernel vs sgemm vs M x sgemv")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 128256], help="N for --small-m (K = 2048)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker()
+    if args.small_m:
+        return small_m(args.sizes, args.rounds)
     candidates = {
         "MLX's reference BLAS": {"MLX_LLAMA3V_BLAS": "0"},
         "scipy-openblas32 + forwarder": {},

@@ -9,10 +9,16 @@
  *
  * One-row products (M == 1 or N == 1: every layer of token-by-token decoding) go to
  * sgemv: OpenBLAS's sgemm packs the whole weight matrix first, about 5x slower.
+ * Few-row products (2 <= M <= small_m_limit, row-major, A not transposed: the decode
+ * step of several streams at once) get this file's own kernel (small_m below), which
+ * streams each weight row once against all M rows of A; OpenBLAS's sgemm packs B there
+ * too and costs 4-12x one sgemv. Every other product goes to sgemm unchanged.
  * Every call answered is counted, so tests can check MLX's products really arrive.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,8 +39,10 @@ static sgemv_fn real_sgemv; /* NULL: one-row products stay with sgemm */
 static dgemm_fn real_dgemm;
 static cgemm_fn real_cgemm;
 
-/* calls answered: [0] by sgemm, [1] by sgemv, [2] by dgemm, [3] by cgemm */
-static unsigned long long counts[4];
+/* calls answered: [0] by sgemm, [1] by sgemv, [2] by dgemm, [3] by cgemm,
+ * [4] by the small-M kernel; [5] of those split over the thread pool */
+enum { N_COUNTS = 6 };
+static unsigned long long counts[N_COUNTS];
 
 static void count(int i) { __atomic_fetch_add(&counts[i], 1, __ATOMIC_RELAXED); }
 
@@ -53,9 +61,10 @@ int mlx_llama3v_blas_connect(void *sgemm, void *sgemv, void *dgemm, void *cgemm)
     return sgemm && dgemm && cgemm ? 0 : -1;
 }
 
-/* Copies the call counters (see counts) into out[0..3]. */
-void mlx_llama3v_blas_counts(unsigned long long *out) {
-    for (int i = 0; i < 4; i++) out[i] = __atomic_load_n(&counts[i], __ATOMIC_RELAXED);
+/* Copies the call counters (see counts) into out[0..N_COUNTS-1]; returns N_COUNTS. */
+int mlx_llama3v_blas_counts(unsigned long long *out) {
+    for (int i = 0; i < N_COUNTS; i++) out[i] = __atomic_load_n(&counts[i], __ATOMIC_RELAXED);
+    return N_COUNTS;
 }
 
 /* The file the connected sgemm lives in (tests check it is the pip-installed one). */
@@ -71,6 +80,265 @@ static void zero(float *y, int n, int inc) {
     } else {
         for (int i = 0; i < n; i++) y[(size_t)i * inc] = 0.0f;
     }
+}
+
+/* ------------------------------------------------------------------ small-M kernel
+ *
+ * C (M x N) = alpha A op(B) + beta C for 2 <= M <= small_m_limit, A (M x K) row-major.
+ * Decode is memory-bound: each element of B is read from memory once and multiplied
+ * against all M rows of A, which stay in L1/L2. Vectors are GCC vector extensions, so
+ * the same source compiles for any target; on x86-64 an AVX2+FMA clone is chosen at
+ * load time (target_clones) and the default clone runs on any x86-64 (no -march).
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KERNEL
+#endif
+
+typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+enum { SMALL_M_MAX = 16, MAX_THREADS = 16 };
+static int small_m_limit = SMALL_M_MAX; /* 1: the kernel is off */
+static int pool_threads = 1;             /* parts a large product is split into */
+/* measured on 2 shared cores: split over 2 threads costs 5-25 us below 2048 x 1024 and breaks
+ * even at 2048 x 2048; the MLP weights (2048 x 8192) and the LM head are split */
+#define SPLIT_MIN_DEFAULT ((size_t)1 << 22)
+static size_t split_min = SPLIT_MIN_DEFAULT; /* N*K from which a product is split */
+
+static inline float hsum(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+static inline void store(float *c, float sum, float alpha, float beta) {
+    *c = beta == 0.0f ? alpha * sum : alpha * sum + beta * *c; /* beta 0: C is never read */
+}
+
+/* B is N x K (a Linear weight): MB rows of A against NB rows of B, dot products over K,
+ * added to the partial sums P (row stride NT_CHUNK). */
+enum { NT_CHUNK = 16, K_CHUNK = 512 };
+
+static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K, const float *A,
+                                                           int lda, const float *B, int ldb,
+                                                           float *P) {
+    v8 acc[4][4];
+    float tail[4][4];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MB; i++)
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NB; j++) acc[i][j] = (v8){0}, tail[i][j] = 0.0f;
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        v8 b[4];
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NB; j++) b[j] = *(const v8 *)(B + (size_t)j * ldb + k);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MB; i++) {
+            v8 a = *(const v8 *)(A + (size_t)i * lda + k);
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < NB; j++) acc[i][j] += a * b[j];
+        }
+    }
+    for (; k < K; k++)
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MB; i++)
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < NB; j++) tail[i][j] += A[(size_t)i * lda + k] * B[(size_t)j * ldb + k];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MB; i++)
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NB; j++) P[i * NT_CHUNK + j] += hsum(acc[i][j]) + tail[i][j];
+}
+
+/* MB rows of A against rows 0..rows-1 of B; tiles of >= 8 accumulators keep the FMAs busy. */
+static inline __attribute__((always_inline)) void nt_rows(int MB, int rows, int K, const float *A,
+                                                           int lda, const float *B, int ldb,
+                                                           float *P) {
+    int n = 0;
+    if (MB <= 2)
+        for (; n + 4 <= rows; n += 4) nt_tile(MB, 4, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+    for (; n + 2 <= rows; n += 2) nt_tile(MB, 2, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+    for (; n < rows; n++) nt_tile(MB, 1, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+}
+
+/* Chunks of NT_CHUNK rows of B (kept in L2 while every block of A passes), in slices of
+ * K_CHUNK columns so the slice of A (at most 4 x K_CHUNK floats per block) stays in L1
+ * while B streams through it. */
+KERNEL static void small_nt(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                            const float *B, int ldb, float beta, float *C, int ldc) {
+    float part[SMALL_M_MAX * NT_CHUNK];
+    for (int c = n0; c < n1; c += NT_CHUNK) {
+        int rows = c + NT_CHUNK < n1 ? NT_CHUNK : n1 - c;
+        const float *b = B + (size_t)c * ldb;
+        memset(part, 0, sizeof part);
+        for (int k0 = 0; k0 < K; k0 += K_CHUNK) {
+            int kc = K - k0 < K_CHUNK ? K - k0 : K_CHUNK, m = 0;
+            for (; m + 4 <= M; m += 4) nt_rows(4, rows, kc, A + (size_t)m * lda + k0, lda, b + k0, ldb, part + m * NT_CHUNK);
+            const float *a = A + (size_t)m * lda + k0;
+            float *p = part + m * NT_CHUNK;
+            if (M - m == 3) nt_rows(3, rows, kc, a, lda, b + k0, ldb, p);
+            if (M - m == 2) nt_rows(2, rows, kc, a, lda, b + k0, ldb, p);
+            if (M - m == 1) nt_rows(1, rows, kc, a, lda, b + k0, ldb, p);
+        }
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < rows; j++) store(C + (size_t)m * ldc + c + j, part[m * NT_CHUNK + j], alpha, beta);
+    }
+}
+
+/* B is K x N: MB rows of A times a strip of 16 columns (NV vectors) of B, over all K. */
+static inline __attribute__((always_inline)) void nn_tile(int MB, int K, float alpha,
+                                                           const float *A, int lda,
+                                                           const float *B, int ldb, float beta,
+                                                           float *C, int ldc) {
+    v8 acc[4][2];
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = (v8){0};
+    for (int k = 0; k < K; k++) {
+        v8 b0 = *(const v8 *)(B + (size_t)k * ldb), b1 = *(const v8 *)(B + (size_t)k * ldb + 8);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < MB; i++) {
+            float a = A[(size_t)i * lda + k];
+            acc[i][0] += a * b0;
+            acc[i][1] += a * b1;
+        }
+    }
+    _Pragma("GCC unroll 16")
+    for (int i = 0; i < MB; i++)
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < 16; j++) store(C + (size_t)i * ldc + j, acc[i][j / 8][j % 8], alpha, beta);
+}
+
+KERNEL static void small_nn(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                            const float *B, int ldb, float beta, float *C, int ldc) {
+    int n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4)
+            nn_tile(4, K, alpha, A + (size_t)m * lda, lda, B + n, ldb, beta, C + (size_t)m * ldc + n, ldc);
+        for (; m < M; m++)
+            nn_tile(1, K, alpha, A + (size_t)m * lda, lda, B + n, ldb, beta, C + (size_t)m * ldc + n, ldc);
+    }
+    if (n < n1) { /* the last < 16 columns, one at a time */
+        for (int m = 0; m < M; m++)
+            for (int j = n; j < n1; j++) {
+                float sum = 0.0f;
+                for (int k = 0; k < K; k++) sum += A[(size_t)m * lda + k] * B[(size_t)k * ldb + j];
+                store(C + (size_t)m * ldc + j, sum, alpha, beta);
+            }
+    }
+}
+
+struct small_job {
+    int trans_b, M, N, K, lda, ldb, ldc, parts;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+};
+
+static void run_part(const struct small_job *j, int part) {
+    /* columns split in multiples of 16 so every part but the last keeps whole strips */
+    int strips = (j->N + 15) / 16;
+    int n0 = (int)((long long)strips * part / j->parts) * 16;
+    int n1 = (int)((long long)strips * (part + 1) / j->parts) * 16;
+    if (n1 > j->N) n1 = j->N;
+    if (n0 >= n1) return;
+    if (j->trans_b)
+        small_nt(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C, j->ldc);
+    else
+        small_nn(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C, j->ldc);
+}
+
+/* A persistent pool: workers 1..pool_started-1 sleep on pool_wake until a generation is
+ * posted; the caller runs part 0 itself. One product at a time uses it (pool_busy);
+ * a product arriving meanwhile (another MLX stream) runs on its own thread. */
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_started = 1; /* threads in the pool, the caller included */
+static unsigned long pool_generation;
+static int pool_pending;
+static struct small_job pool_job;
+
+static void *pool_worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = pool_generation;
+        int mine = id < pool_job.parts;
+        pthread_mutex_unlock(&pool_lock);
+        if (mine) run_part(&pool_job, id);
+        pthread_mutex_lock(&pool_lock);
+        if (mine && --pool_pending == 0) pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    /* a forked child has none of the workers: start again, lazily */
+    pthread_mutex_init(&pool_busy, NULL);
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_started = 1;
+    pool_pending = 0;
+}
+
+static int pool_grow(int want) { /* called holding pool_busy; returns the threads there are */
+    static int atfork_set;
+    if (!atfork_set) atfork_set = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool_started < want) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, pool_worker, (void *)(intptr_t)pool_started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool_started++;
+    }
+    return pool_started;
+}
+
+static void small_m(int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    struct small_job job = {trans_b, M, N, K, lda, ldb, ldc, 1, alpha, beta, A, B, C};
+    count(4);
+    int parts = (size_t)N * (size_t)K >= split_min ? pool_threads : 1;
+    if (parts > (N + 15) / 16) parts = (N + 15) / 16;
+    if (parts > 1 && pthread_mutex_trylock(&pool_busy) == 0) {
+        parts = pool_grow(parts) < parts ? pool_started : parts;
+        if (parts > 1) {
+            count(5);
+            job.parts = parts;
+            pthread_mutex_lock(&pool_lock);
+            pool_job = job;
+            pool_pending = parts - 1;
+            pool_generation++;
+            pthread_cond_broadcast(&pool_wake);
+            pthread_mutex_unlock(&pool_lock);
+            run_part(&job, 0);
+            pthread_mutex_lock(&pool_lock);
+            while (pool_pending) pthread_cond_wait(&pool_done, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+            pthread_mutex_unlock(&pool_busy);
+            return;
+        }
+        pthread_mutex_unlock(&pool_busy);
+    }
+    run_part(&job, 0);
+}
+
+/* Sets the small-M kernel's row limit (<= 1: off, clamped to SMALL_M_MAX), the threads
+ * it may split a product over (clamped to 1..MAX_THREADS) and the N*K from which it
+ * splits (0: the default, < 0: keep). Returns the limit in force (0: off). */
+int mlx_llama3v_blas_small_m(int limit, int threads, long long min_split) {
+    small_m_limit = limit < 1 ? 1 : limit > SMALL_M_MAX ? SMALL_M_MAX : limit;
+    pool_threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (min_split >= 0) split_min = min_split ? (size_t)min_split : SPLIT_MIN_DEFAULT;
+    return small_m_limit < 2 ? 0 : small_m_limit;
 }
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
@@ -97,6 +365,10 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
             real_sgemv(ROW_MAJOR, NO_TRANS, M, K, alpha, A, lda, B, inc_b, beta, C, ldc);
         else /* A is K x M */
             real_sgemv(ROW_MAJOR, TRANS, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
+        return;
+    }
+    if (order == ROW_MAJOR && ta == NO_TRANS && K > 0 && M >= 2 && M <= small_m_limit && N >= 1) {
+        small_m(tb == TRANS, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     count(0);

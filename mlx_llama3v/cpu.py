@@ -12,10 +12,13 @@ macOS, Metal or CUDA none of this loads.
    first imported: the forwarder must be in the global scope before that, which is
    why the package's ``__init__`` calls ``link_blas()`` (the one import-order rule;
    ``describe()`` says when it came too late). The forwarder sends one-row products
-   (decode) to sgemv and counts the calls it answers (``blas_calls()``).
+   (decode) to sgemv, products of 2..16 rows (batched decode: the server's streams)
+   to its own small-M kernel, split over OpenBLAS's thread count for large weights,
+   and counts the calls it answers (``blas_calls()``).
    ``MLX_LLAMA3V_BLAS=0`` keeps MLX's own BLAS, ``MLX_LLAMA3V_BLAS=/path/lib.so``
    takes another library (plain or ``scipy_`` names, e.g. MKL's ``libmkl_rt.so``),
-   ``MLX_LLAMA3V_GEMV=0`` leaves one-row products to sgemm.
+   ``MLX_LLAMA3V_GEMV=0`` leaves one-row products to sgemm, ``MLX_LLAMA3V_SMALL_M=0``
+   leaves few-row products to sgemm (``=N``: only up to N rows).
 
 2. **Tower kernels** (switched on by ``enable()``, which the commands call). MLX's
    x86-64 CPU build evaluates ``exp`` and ``tanh`` one element at a time (17 ns per
@@ -54,6 +57,7 @@ class _Blas:
     library: Optional[str] = None  # path of the BLAS behind the forwarder
     forwarder: Optional[str] = None  # path of _blas_forwarder, when linked
     gemv: bool = False  # one-row products routed to sgemv
+    small_m: int = 0  # products of 2..small_m rows answered by the forwarder's kernel
     why_not: Optional[str] = None  # set when no optimised BLAS is in use
     handle = None
     shim = None
@@ -62,6 +66,8 @@ class _Blas:
 blas = _Blas()
 _tried = False
 _CUDA_DISTRIBUTIONS = ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda")
+_COUNTERS = ("sgemm", "sgemv", "dgemm", "cgemm", "small", "small_split")
+SMALL_M_MAX = 16  # the forwarder's SMALL_M_MAX; chosen by benchmarks/blas.py --small-m
 
 
 def _wanted() -> Optional[str]:
@@ -142,21 +148,52 @@ def link_blas() -> Optional[str]:
         if forwarder.mlx_llama3v_blas_connect(sgemm, sgemv, dgemm, cgemm) != 0:
             blas.why_not = f"{library} lacks cblas_sgemm/dgemm/cgemm"
             return None
+        small_m = set_small_m(_small_m_limit(), _blas_threads(handle), 0, forwarder)
         forwarder = ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         blas.why_not = f"cannot open {library}: {e}"
         return None
     blas.library, blas.forwarder, blas.gemv = library, shim, sgemv is not None
+    blas.small_m = small_m
     blas.handle, blas.shim = handle, forwarder
     return library
 
 
+def _small_m_limit() -> int:
+    value = os.environ.get("MLX_LLAMA3V_SMALL_M", str(SMALL_M_MAX))
+    try:
+        return max(0, min(int(value), SMALL_M_MAX))
+    except ValueError:
+        return SMALL_M_MAX  # like the other switches: anything but a number keeps the default
+
+
+def set_small_m(limit: int, threads: int, min_split: int = -1, library=None) -> int:
+    """Configure the forwarder's few-row kernel: rows up to ``limit`` (< 2: off), split
+    over ``threads`` from ``N*K >= min_split`` (0: the default, -1: keep). Returns the
+    limit in force (0: off or no such forwarder). For tests and benchmarks/blas.py."""
+    setter = getattr(library if library is not None else blas.shim, "mlx_llama3v_blas_small_m", None)
+    if setter is None:  # not linked, or a forwarder built before the kernel existed
+        return 0
+    setter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    return setter(limit, threads, min_split)
+
+
+def _blas_threads(handle) -> int:
+    """The threads the linked BLAS uses (OPENBLAS_NUM_THREADS honoured), else the cores."""
+    getter = getattr(handle, "scipy_openblas_get_num_threads", None) or getattr(
+        handle, "openblas_get_num_threads", None
+    )
+    return int(getter()) if getter is not None else (os.cpu_count() or 1)
+
+
 def blas_calls() -> dict:
-    """Calls the forwarder answered so far: ``sgemm``, ``sgemv`` (routed), ``dgemm``, ``cgemm``."""
-    counts = (ctypes.c_ulonglong * 4)()
+    """Calls the forwarder answered so far: ``sgemm``, ``sgemv`` (routed), ``dgemm``,
+    ``cgemm``, ``small`` (2..16-row products, its own kernel) and ``small_split`` (those
+    of them split over its thread pool)."""
+    counts = (ctypes.c_ulonglong * len(_COUNTERS))()
     if blas.shim is not None:
         blas.shim.mlx_llama3v_blas_counts(counts)
-    return dict(zip(("sgemm", "sgemv", "dgemm", "cgemm"), counts))
+    return dict(zip(_COUNTERS, counts))
 
 
 def blas_origin() -> Optional[str]:
@@ -220,7 +257,8 @@ def describe() -> str:
     if blas.library:
         name = "scipy-openblas32" if "scipy_openblas" in blas.library else blas.library
         gemv = ", one-row products to sgemv" if blas.gemv else ""
-        line = f"BLAS: {name} via mlx_llama3v's forwarder{gemv}"
+        small = f", 2-{blas.small_m}-row products to its own kernel" if blas.small_m else ""
+        line = f"BLAS: {name} via mlx_llama3v's forwarder{gemv}{small}"
     else:
         line = f"BLAS: MLX's own ({blas.why_not or 'link_blas() was not called'})"
     if not _enabled:
