@@ -51,7 +51,11 @@ def worker() -> None:
     slow = cpu.blas.library is None  # the reference BLAS: one run is plenty
     gemm = best(lambda: mx.eval(a @ b), 1 if slow else 5)
     gemv = best(lambda: mx.eval(x @ w.T), 2 if slow else 10)
-    print(json.dumps({"gemm": 2 * n**3 / gemm / 1e9, "gemv": w.nbytes / gemv / 1e9, "blas": cpu.describe()}))
+    print(
+        json.dumps(
+            {"gemm": 2 * n**3 / gemm / 1e9, "gemv": w.nbytes / gemv / 1e9, "blas": cpu.describe()}
+        )
+    )
 
 
 def small_m(sizes, rounds: int) -> None:
@@ -84,11 +88,39 @@ def small_m(sizes, rounds: int) -> None:
         n, k = w.shape
         a = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
         c = np.empty((m, n), np.float32)
-        args = (101, 111, 112, m, n, k, 1.0, a.ctypes.data, k, w.ctypes.data, k, 0.0, c.ctypes.data, n)
+        args = (
+            101,
+            111,
+            112,
+            m,
+            n,
+            k,
+            1.0,
+            a.ctypes.data,
+            k,
+            w.ctypes.data,
+            k,
+            0.0,
+            c.ctypes.data,
+            n,
+        )
 
         def rows():
             for i in range(m):
-                sgemv(101, 111, n, k, 1.0, w.ctypes.data, k, a[i].ctypes.data, 1, 0.0, c[i].ctypes.data, 1)
+                sgemv(
+                    101,
+                    111,
+                    n,
+                    k,
+                    1.0,
+                    w.ctypes.data,
+                    k,
+                    a[i].ctypes.data,
+                    1,
+                    0.0,
+                    c[i].ctypes.data,
+                    1,
+                )
 
         def one_thread():
             cpu.set_small_m(cpu.SMALL_M_MAX, 1)
@@ -98,19 +130,30 @@ def small_m(sizes, rounds: int) -> None:
                 cpu.set_small_m(cpu.blas.small_m, threads)
 
         repeats = max(2, min(20, int(2e8 / w.nbytes)))
-        candidates = {"fw": lambda: forwarder(*args), "one": one_thread, "gemm": lambda: sgemm(*args), "gemv": rows}
+        candidates = {
+            "fw": lambda: forwarder(*args),
+            "one": one_thread,
+            "gemm": lambda: sgemm(*args),
+            "gemv": rows,
+        }
         times = dict.fromkeys(candidates, float("inf"))
         for _ in range(rounds):  # taking turns: the machine's load drifts
             for name, fn in candidates.items():
                 times[name] = min(times[name], best(fn, repeats))
         want = a.astype(np.float64) @ w.T.astype(np.float64)
         forwarder(*args)
-        assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), "the forwarder's product is wrong"
+        assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), (
+            "the forwarder's product is wrong"
+        )
         cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
         return f"| {k} x {n} | {m} | " + " | ".join(cells) + " |"
 
-    print(f"load average: {os.getloadavg()[0]:.2f} (1 min), cores: {os.cpu_count()}, BLAS threads: {threads}")
-    print("| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|")
+    print(
+        f"load average: {os.getloadavg()[0]:.2f} (1 min), cores: {os.cpu_count()}, BLAS threads: {threads}"
+    )
+    print(
+        "| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|"
+    )
     for n in sizes:
         w = np.random.default_rng(0).standard_normal((n, 2048), dtype=np.float32)
         for m in (1, 2, 4, 8, 16):
@@ -123,8 +166,12 @@ def main() -> None:
     ap.add_argument("--mkl", help="folder holding libmkl_rt.so.* (an mkl wheel's lib)")
     ap.add_argument("--lib", action="append", default=[], help="another BLAS library to compare")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--small-m", action="store_true", help="the few-row kernel vs sgemm vs M x sgemv")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 128256], help="N for --small-m (K = 2048)")
+    ap.add_argument(
+        "--small-m", action="store_true", help="the few-row kernel vs sgemm vs M x sgemv"
+    )
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[8192, 128256], help="N for --small-m (K = 2048)"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -150,13 +197,18 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, env in candidates.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--worker"], env=dict(os.environ, **env),
-                capture_output=True, text=True, check=True,
+                [sys.executable, __file__, "--worker"],
+                env=dict(os.environ, **env),
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             for key in ("gemm", "gemv"):
                 best[name][key] = max(best[name][key], r[key])
-    print(f"| BLAS (best of {args.rounds} turns) | 3072^3 sgemm GFLOP/s | 1x8192 @ 8192x16384 GB/s |\n|---|---|---|")
+    print(
+        f"| BLAS (best of {args.rounds} turns) | 3072^3 sgemm GFLOP/s | 1x8192 @ 8192x16384 GB/s |\n|---|---|---|"
+    )
     for name, r in best.items():
         print(f"| {name} | {r['gemm']:.0f} | {r['gemv']:.1f} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

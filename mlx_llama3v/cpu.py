@@ -134,7 +134,9 @@ def link_blas() -> Optional[str]:
         blas.why_not = "scipy-openblas32 is not installed"
         return None
     if shim is None:
-        blas.why_not = "the BLAS forwarder was not built (reinstall with a C compiler: pip install -e .)"
+        blas.why_not = (
+            "the BLAS forwarder was not built (reinstall with a C compiler: pip install -e .)"
+        )
         return None
     try:
         handle = ctypes.CDLL(library, mode=ctypes.RTLD_LOCAL)
@@ -171,7 +173,9 @@ def set_small_m(limit: int, threads: int, min_split: int = -1, library=None) -> 
     """Configure the forwarder's few-row kernel: rows up to ``limit`` (< 2: off), split
     over ``threads`` from ``N*K >= min_split`` (0: the default, -1: keep). Returns the
     limit in force (0: off or no such forwarder). For tests and benchmarks/blas.py."""
-    setter = getattr(library if library is not None else blas.shim, "mlx_llama3v_blas_small_m", None)
+    setter = getattr(
+        library if library is not None else blas.shim, "mlx_llama3v_blas_small_m", None
+    )
     if setter is None:  # not linked, or a forwarder built before the kernel existed
         return 0
     setter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
@@ -210,8 +214,12 @@ def blas_origin() -> Optional[str]:
 def single_threaded():
     """Run the linked BLAS on one thread inside the block (for work split over CPU streams)."""
     h = blas.handle
-    setter = getattr(h, "scipy_openblas_set_num_threads", None) or getattr(h, "openblas_set_num_threads", None)
-    getter = getattr(h, "scipy_openblas_get_num_threads", None) or getattr(h, "openblas_get_num_threads", None)
+    setter = getattr(h, "scipy_openblas_set_num_threads", None) or getattr(
+        h, "openblas_set_num_threads", None
+    )
+    getter = getattr(h, "scipy_openblas_get_num_threads", None) or getattr(
+        h, "openblas_get_num_threads", None
+    )
     if setter is None or getter is None:
         yield
         return

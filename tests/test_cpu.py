@@ -13,7 +13,9 @@ import pytest
 from mlx_llama3v import cpu
 
 LINUX_CPU = sys.platform.startswith("linux") and cpu._wanted() is None
-linux_only = pytest.mark.skipif(not LINUX_CPU, reason="the BLAS forwarder is for MLX's Linux CPU backend")
+linux_only = pytest.mark.skipif(
+    not LINUX_CPU, reason="the BLAS forwarder is for MLX's Linux CPU backend"
+)
 
 
 def _python(code: str, **env) -> str:
@@ -32,7 +34,9 @@ def test_mlx_float32_products_reach_the_pip_installed_openblas():
     wheel = os.path.realpath(scipy_openblas32.get_lib_dir())
     # the function answering MLX's products lives in the wheel's library, not a system one
     assert os.path.dirname(cpu.blas_origin()) == wheel
-    assert os.path.dirname(os.path.realpath(cpu.blas.forwarder)) == os.path.dirname(os.path.realpath(cpu.__file__))
+    assert os.path.dirname(os.path.realpath(cpu.blas.forwarder)) == os.path.dirname(
+        os.path.realpath(cpu.__file__)
+    )
     before = cpu.blas_calls()
     a, b, x = mx.random.normal((64, 48)), mx.random.normal((48, 32)), mx.random.normal((1, 48))
     mx.eval(a @ b, x @ b)
@@ -71,7 +75,14 @@ def test_switches_turn_the_blas_and_the_sgemv_routing_off():
         "mx.eval(mx.ones((1, 64)) @ mx.ones((64, 64))); print(cpu.blas_calls()); print(cpu.describe())"
     )
     calls, line = _python(code, MLX_LLAMA3V_GEMV="0").splitlines()
-    assert eval(calls) == {"sgemm": 1, "sgemv": 0, "dgemm": 0, "cgemm": 0, "small": 0, "small_split": 0}
+    assert eval(calls) == {
+        "sgemm": 1,
+        "sgemv": 0,
+        "dgemm": 0,
+        "cgemm": 0,
+        "small": 0,
+        "small_split": 0,
+    }
     assert "sgemv" not in line
     few_rows = code.replace("mx.ones((1, 64))", "mx.ones((4, 64))")
     calls, line = _python(few_rows).splitlines()
@@ -141,8 +152,22 @@ def _forwarder_sgemm():
 
     def sgemm(a, b, c, trans_b, alpha, beta, m, n, k):
         """c[:m, :n] = alpha a[:m, :k] op(b) + beta c; row strides from the (padded) arrays."""
-        f(101, 111, 112 if trans_b else 111, m, n, k, alpha, a.ctypes.data, a.strides[0] // 4,
-          b.ctypes.data, b.strides[0] // 4, beta, c.ctypes.data, c.strides[0] // 4)
+        f(
+            101,
+            111,
+            112 if trans_b else 111,
+            m,
+            n,
+            k,
+            alpha,
+            a.ctypes.data,
+            a.strides[0] // 4,
+            b.ctypes.data,
+            b.strides[0] // 4,
+            beta,
+            c.ctypes.data,
+            c.strides[0] // 4,
+        )
 
     return sgemm
 
@@ -220,7 +245,14 @@ def test_large_few_row_products_split_over_the_pool_equal_numpy(trans_b):
         assert cpu.blas_calls()["small_split"] - before == 40
         seeds = range(24)
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda s: _check_small_m(4, 70, 90, trans_b, 1.0, 0.0, np.random.default_rng(s), sgemm), seeds))
+            list(
+                pool.map(
+                    lambda s: _check_small_m(
+                        4, 70, 90, trans_b, 1.0, 0.0, np.random.default_rng(s), sgemm
+                    ),
+                    seeds,
+                )
+            )
     finally:
         cpu.set_small_m(cpu.SMALL_M_MAX, threads, 0)
 
@@ -236,7 +268,9 @@ def test_mlx_batched_products_and_linear_layers_reach_the_small_m_kernel():
     got_linear = linear(x)
     mx.eval(got_matmul, got_linear)
     after = cpu.blas_calls()
-    assert after["small"] - before["small"] == 2, "MLX's 4-row products did not reach the small-M kernel"
+    assert after["small"] - before["small"] == 2, (
+        "MLX's 4-row products did not reach the small-M kernel"
+    )
     assert after["sgemm"] == before["sgemm"]
     x64 = np.asarray(x, np.float64)
     np.testing.assert_allclose(got_matmul, x64 @ np.asarray(w, np.float64), rtol=1e-4, atol=1e-4)
@@ -262,7 +296,9 @@ def test_the_pool_survives_fork():
         "print(os.waitpid(pid, 0)[1])"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
 
@@ -313,8 +349,11 @@ def test_nothing_is_built_or_written_at_import(tmp_path):
     code = "import mlx_llama3v, mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(mlx_llama3v.cpu.blas_calls()['sgemm'])"
     env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=dict(env, HOME=str(home), CC="/nonexistent-cc"),
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        env=dict(env, HOME=str(home), CC="/nonexistent-cc"),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "1"
     assert list(home.iterdir()) == []
@@ -325,9 +364,18 @@ def test_the_generate_command_switches_it_on_and_says_so_with_verbose():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shapes = os.path.join(root, "examples", "shapes")
     cmd = [
-        sys.executable, "-m", "mlx_llama3v.generate", "--model", os.path.join(shapes, "model"),
-        "--image", os.path.join(shapes, "samples", "1.png"), "--prompt", "What colour is the triangle?",
-        "--max-tokens", "3", "--verbose",
+        sys.executable,
+        "-m",
+        "mlx_llama3v.generate",
+        "--model",
+        os.path.join(shapes, "model"),
+        "--image",
+        os.path.join(shapes, "samples", "1.png"),
+        "--prompt",
+        "What colour is the triangle?",
+        "--max-tokens",
+        "3",
+        "--verbose",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr
