@@ -7,8 +7,9 @@
 - MLX's Linux backend: ``mlx[cpu]`` and ``mlx[cuda]`` install the same file
   (``mlx/lib/libmlx.so``) and cannot coexist, so the base dependencies carry the CPU
   backend only where the CUDA one is not wanted: building with
-  ``MLX_LLAMA3V_BACKEND=cuda``, or on a machine with an NVIDIA driver, leaves it out
-  (then ``pip install -e ".[cuda]"`` brings ``mlx[cuda]``).
+  ``MLX_LLAMA3V_BACKEND=cuda``, or on a machine with an NVIDIA driver, depends on
+  ``mlx[cuda]`` instead, so the plain ``pip install -e .`` works there too (the ``cuda``
+  extra says the same explicitly).
 """
 
 import os
@@ -41,7 +42,7 @@ dependencies = [
 if linux_backend() == "cpu":
     dependencies.append("mlx[cpu]>=0.29; sys_platform == 'linux'")
 else:
-    dependencies.append("mlx>=0.29; sys_platform == 'linux'")
+    dependencies.append("mlx[cuda]>=0.29; sys_platform == 'linux'")
 
 ext_modules = []
 if sys.platform.startswith("linux"):
