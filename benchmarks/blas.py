@@ -31,18 +31,20 @@ import sys
 import time
 
 
+def best(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, after one warm-up call."""
+    fn()
+    out = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+    return out
+
+
 def worker() -> None:
     import mlx_llama3v.cpu as cpu
     import mlx.core as mx
-
-    def best(fn, repeats):
-        fn()
-        out = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t)
-        return out
 
     n = 3072
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
@@ -74,15 +76,6 @@ def small_m(sizes, rounds: int) -> None:
         fn.argtypes = [i32] * 6 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
     sgemv.argtypes = [i32] * 4 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
     threads = cpu._blas_threads(cpu.blas.handle)
-
-    def best(fn, repeats):
-        fn()
-        out = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t)
-        return out
 
     def row(w, m: int) -> str:
         n, k = w.shape
