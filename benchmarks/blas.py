@@ -13,12 +13,15 @@ Run: ``python benchmarks/blas.py [--mkl DIR] [--lib PATH] [--rounds 2]``.
 
 ``--small-m`` instead weighs the forwarder's few-row kernel (batched decode: M streams
 times a weight) against what it replaces, in one process, on the same numpy operands:
-C (M x N) = A (M x 2048) @ W.T, W (N x 2048) row-major (a Linear weight), for M = 1, 2,
-4, 8, 16 and N = 8192 (an MLP weight) and 128256 (the LM head). Columns: the forwarder's
-``cblas_sgemm`` (what MLX calls; M = 1 is its sgemv route), the same split over its thread
-pool or on one thread, OpenBLAS's sgemm, and M calls of OpenBLAS's sgemv; ms (best of a
-few) and GB/s of weight bytes read (W's size / time). ``--sizes 2048`` adds the small
-products where the pool's call overhead shows (the split threshold).
+C (M x N) = A (M x K) @ W.T, W (N x K) row-major (a Linear weight), for M = 1, 2, 3, 4, 8,
+16 and, by default, the weights of a Llama-3.2-1B layer (2048 x 2048, 2048 x 8192 and
+8192 x 2048; ``--sizes N`` or ``KxN``) and its LM head (2048 x 128256). Each timing cycles
+through distinct weights of 256 MB in all, 8x the L3 cache here: in decoding every weight
+comes from memory (the model is far larger than the caches), so a product timed on one
+weight again and again, read from L3, would flatter whatever reads B twice. Columns: the
+forwarder's ``cblas_sgemm`` (what MLX calls; M = 1 is its sgemv route), the same on one
+thread, OpenBLAS's sgemm, and M calls of OpenBLAS's sgemv; ms a call (best of a few
+cycles) and GB/s of weight bytes read (W's size / time).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import os
 import subprocess
 import sys
 import time
+
+
+COLD_BYTES = 256 << 20  # --small-m cycles through this much weight: 8x the L3 cache here
 
 
 def best(fn, repeats: int) -> float:
@@ -77,68 +83,51 @@ def small_m(sizes, rounds: int) -> None:
     sgemv.argtypes = [i32] * 4 + [f32, ptr, i32, ptr, i32, f32, ptr, i32]
     threads = cpu._blas_threads(cpu.blas.handle)
 
-    def row(w, m: int) -> str:
-        n, k = w.shape
+    def row(weights, m: int) -> str:
+        n, k = weights[0].shape
         a = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
         c = np.empty((m, n), np.float32)
-        args = (
-            101,
-            111,
-            112,
-            m,
-            n,
-            k,
-            1.0,
-            a.ctypes.data,
-            k,
-            w.ctypes.data,
-            k,
-            0.0,
-            c.ctypes.data,
-            n,
-        )
 
-        def rows():
+        def args(w):
+            return (101, 111, 112, m, n, k, 1.0, a.ctypes.data, k, w.ctypes.data, k, 0.0,
+                    c.ctypes.data, n)  # fmt: skip
+
+        def rows(w):
             for i in range(m):
-                sgemv(
-                    101,
-                    111,
-                    n,
-                    k,
-                    1.0,
-                    w.ctypes.data,
-                    k,
-                    a[i].ctypes.data,
-                    1,
-                    0.0,
-                    c[i].ctypes.data,
-                    1,
-                )
+                sgemv(101, 111, n, k, 1.0, w.ctypes.data, k, a[i].ctypes.data, 1, 0.0,
+                      c[i].ctypes.data, 1)  # fmt: skip
 
-        def one_thread():
+        def one_thread(w):
             cpu.set_small_m(cpu.SMALL_M_MAX, 1)
             try:
-                forwarder(*args)
+                forwarder(*args(w))
             finally:
                 cpu.set_small_m(cpu.blas.small_m, threads)
 
-        repeats = max(2, min(20, int(2e8 / w.nbytes)))
         candidates = {
-            "fw": lambda: forwarder(*args),
+            "fw": lambda w: forwarder(*args(w)),
             "one": one_thread,
-            "gemm": lambda: sgemm(*args),
+            "gemm": lambda w: sgemm(*args(w)),
             "gemv": rows,
         }
+
+        def cycle(fn):  # one call per weight: none of them is in a cache when it comes
+            for w in weights:
+                fn(w)
+
+        repeats = max(2, min(8, int(1e9 / (weights[0].nbytes * len(weights)))))
         times = dict.fromkeys(candidates, float("inf"))
         for _ in range(rounds):  # taking turns: the machine's load drifts
             for name, fn in candidates.items():
-                times[name] = min(times[name], best(fn, repeats))
+                per_call = best(lambda fn=fn: cycle(fn), repeats) / len(weights)
+                times[name] = min(times[name], per_call)
+        w = weights[0]
         want = a.astype(np.float64) @ w.T.astype(np.float64)
-        forwarder(*args)
+        forwarder(*args(w))
         assert np.abs(c - want).max() <= 1e-4 * np.abs(want).max(), (
             "the forwarder's product is wrong"
         )
-        cells = [f"{t * 1e3:.1f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
+        cells = [f"{t * 1e3:.2f} ({w.nbytes / t / 1e9:.1f})" for t in times.values()]
         return f"| {k} x {n} | {m} | " + " | ".join(cells) + " |"
 
     print(
@@ -147,10 +136,13 @@ def small_m(sizes, rounds: int) -> None:
     print(
         "| K x N | M | forwarder ms (GB/s) | forwarder, 1 thread | OpenBLAS sgemm | M x sgemv |\n|---|---|---|---|---|---|"
     )
-    for n in sizes:
-        w = np.random.default_rng(0).standard_normal((n, 2048), dtype=np.float32)
-        for m in (1, 2, 4, 8, 16):
-            print(row(w, m), flush=True)
+    for size in sizes:
+        k, n = (int(v) for v in size.split("x")) if "x" in size else (2048, int(size))
+        count = max(1, -(-COLD_BYTES // (n * k * 4)))  # distinct weights: more than the caches
+        rng = np.random.default_rng(0)
+        weights = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(count)]
+        for m in (1, 2, 3, 4, 8, 16):
+            print(row(weights, m), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
@@ -163,7 +155,10 @@ def main() -> None:
         "--small-m", action="store_true", help="the few-row kernel vs sgemm vs M x sgemv"
     )
     ap.add_argument(
-        "--sizes", type=int, nargs="+", default=[8192, 128256], help="N for --small-m (K = 2048)"
+        "--sizes",
+        nargs="+",
+        default=["2048", "8192", "8192x2048", "128256"],
+        help="weights for --small-m: N (K = 2048) or KxN",
     )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

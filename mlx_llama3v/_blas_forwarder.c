@@ -101,10 +101,18 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 enum { SMALL_M_MAX = 16, MAX_THREADS = 16 };
 static int small_m_limit = SMALL_M_MAX; /* 1: the kernel is off */
 static int pool_threads = 1;             /* parts a large product is split into */
-/* measured on 2 shared cores: split over 2 threads costs 5-25 us below 2048 x 1024 and breaks
- * even at 2048 x 2048; the MLP weights (2048 x 8192) and the LM head are split */
-#define SPLIT_MIN_DEFAULT ((size_t)1 << 22)
+/* measured on 2 cores: a split over 2 threads costs 5-25 us; a weight read from memory (in
+ * decoding every weight is: the model is far larger than the caches) gains from 512 x 2048
+ * (4 MB, a Llama-3.2-1B k/v projection) on, so everything from 1M elements is split */
+#define SPLIT_MIN_DEFAULT ((size_t)1 << 20)
 static size_t split_min = SPLIT_MIN_DEFAULT; /* N*K from which a product is split */
+
+/* How far ahead (floats) each row of B is prefetched in software: with only the hardware
+ * prefetcher, 4 rows of A read B at 60% of sgemv's bandwidth (benchmarks/blas.py --small-m);
+ * 512 (2 KB) measured best of 0/128/256/512/1024. */
+#ifndef NT_PREFETCH
+#define NT_PREFETCH 512
+#endif
 
 static inline float hsum(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -114,13 +122,15 @@ static inline void store(float *c, float sum, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * sum : alpha * sum + beta * *c; /* beta 0: C is never read */
 }
 
-/* B is N x K (a Linear weight): MB rows of A against NB rows of B, dot products over K,
- * added to the partial sums P (row stride NT_CHUNK). */
-enum { NT_CHUNK = 16, K_CHUNK = 512 };
-
-static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K, const float *A,
-                                                           int lda, const float *B, int ldb,
-                                                           float *P) {
+/* B is N x K (a Linear weight): MB rows of A against NB rows of B, dot products over all
+ * of K, stored to C. Each tile streams its NB rows of B from start to end (a few sequential
+ * streams, prefetched NT_PREFETCH floats ahead); the MB rows of A come from L1/L2. (Slicing
+ * K across many rows of B, as an earlier version did, interleaved 16 streams in 2 KB pieces
+ * and read B at two thirds of sgemv's bandwidth.) */
+static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K, float alpha,
+                                                           const float *A, int lda,
+                                                           const float *B, int ldb, float beta,
+                                                           float *C, int ldc) {
     v8 acc[4][4];
     float tail[4][4];
     _Pragma("GCC unroll 16")
@@ -128,6 +138,22 @@ static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K,
         _Pragma("GCC unroll 16")
         for (int j = 0; j < NB; j++) acc[i][j] = (v8){0}, tail[i][j] = 0.0f;
     int k = 0;
+    for (; k + 16 <= K; k += 16) { /* a cache line of each row of B */
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < NB; j++) __builtin_prefetch(B + (size_t)j * ldb + k + NT_PREFETCH);
+        _Pragma("GCC unroll 2")
+        for (int h = k; h < k + 16; h += 8) {
+            v8 b[4];
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < NB; j++) b[j] = *(const v8 *)(B + (size_t)j * ldb + h);
+            _Pragma("GCC unroll 16")
+            for (int i = 0; i < MB; i++) {
+                v8 a = *(const v8 *)(A + (size_t)i * lda + h);
+                _Pragma("GCC unroll 16")
+                for (int j = 0; j < NB; j++) acc[i][j] += a * b[j];
+            }
+        }
+    }
     for (; k + 8 <= K; k += 8) {
         v8 b[4];
         _Pragma("GCC unroll 16")
@@ -147,41 +173,43 @@ static inline __attribute__((always_inline)) void nt_tile(int MB, int NB, int K,
     _Pragma("GCC unroll 16")
     for (int i = 0; i < MB; i++)
         _Pragma("GCC unroll 16")
-        for (int j = 0; j < NB; j++) P[i * NT_CHUNK + j] += hsum(acc[i][j]) + tail[i][j];
+        for (int j = 0; j < NB; j++)
+            store(C + (size_t)i * ldc + j, hsum(acc[i][j]) + tail[i][j], alpha, beta);
 }
 
-/* MB rows of A against rows 0..rows-1 of B; tiles of >= 8 accumulators keep the FMAs busy. */
-static inline __attribute__((always_inline)) void nt_rows(int MB, int rows, int K, const float *A,
-                                                           int lda, const float *B, int ldb,
-                                                           float *P) {
-    int n = 0;
+/* MB rows of A against rows n0..n1-1 of B; tiles of 8-12 accumulators (with NB rows of B
+ * and one of A: at most the 16 AVX2 registers) keep the FMAs busy. */
+static inline __attribute__((always_inline)) void nt_rows(int MB, int n0, int n1, int K,
+                                                           float alpha, const float *A, int lda,
+                                                           const float *B, int ldb, float beta,
+                                                           float *C, int ldc) {
+    int n = n0;
+#define NT(NB) nt_tile(MB, NB, K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc)
     if (MB <= 2)
-        for (; n + 4 <= rows; n += 4) nt_tile(MB, 4, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
-    for (; n + 2 <= rows; n += 2) nt_tile(MB, 2, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
-    for (; n < rows; n++) nt_tile(MB, 1, K, A, lda, B + (size_t)n * ldb, ldb, P + n);
+        for (; n + 4 <= n1; n += 4) NT(4);
+    if (MB > 2)
+        for (; n + 3 <= n1; n += 3) NT(3);
+    for (; n + 2 <= n1; n += 2) NT(2);
+    for (; n < n1; n++) NT(1);
+#undef NT
 }
 
-/* Chunks of NT_CHUNK rows of B (kept in L2 while every block of A passes), in slices of
- * K_CHUNK columns so the slice of A (at most 4 x K_CHUNK floats per block) stays in L1
- * while B streams through it. */
+/* Blocks of up to 4 rows of A, each against columns n0..n1-1 in NT_CHUNK-row chunks of B:
+ * the first block streams a chunk from memory, the others find it in L2 (blocks of 2 rows,
+ * each nearer sgemv's bandwidth, measured slower in all). */
+enum { NT_CHUNK = 16 };
+
 KERNEL static void small_nt(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
                             const float *B, int ldb, float beta, float *C, int ldc) {
-    float part[SMALL_M_MAX * NT_CHUNK];
     for (int c = n0; c < n1; c += NT_CHUNK) {
-        int rows = c + NT_CHUNK < n1 ? NT_CHUNK : n1 - c;
-        const float *b = B + (size_t)c * ldb;
-        memset(part, 0, sizeof part);
-        for (int k0 = 0; k0 < K; k0 += K_CHUNK) {
-            int kc = K - k0 < K_CHUNK ? K - k0 : K_CHUNK, m = 0;
-            for (; m + 4 <= M; m += 4) nt_rows(4, rows, kc, A + (size_t)m * lda + k0, lda, b + k0, ldb, part + m * NT_CHUNK);
-            const float *a = A + (size_t)m * lda + k0;
-            float *p = part + m * NT_CHUNK;
-            if (M - m == 3) nt_rows(3, rows, kc, a, lda, b + k0, ldb, p);
-            if (M - m == 2) nt_rows(2, rows, kc, a, lda, b + k0, ldb, p);
-            if (M - m == 1) nt_rows(1, rows, kc, a, lda, b + k0, ldb, p);
-        }
-        for (int m = 0; m < M; m++)
-            for (int j = 0; j < rows; j++) store(C + (size_t)m * ldc + c + j, part[m * NT_CHUNK + j], alpha, beta);
+        int end = c + NT_CHUNK < n1 ? c + NT_CHUNK : n1, m = 0;
+        for (; m + 4 <= M; m += 4)
+            nt_rows(4, c, end, K, alpha, A + (size_t)m * lda, lda, B, ldb, beta, C + (size_t)m * ldc, ldc);
+        const float *a = A + (size_t)m * lda;
+        float *cm = C + (size_t)m * ldc;
+        if (M - m == 3) nt_rows(3, c, end, K, alpha, a, lda, B, ldb, beta, cm, ldc);
+        if (M - m == 2) nt_rows(2, c, end, K, alpha, a, lda, B, ldb, beta, cm, ldc);
+        if (M - m == 1) nt_rows(1, c, end, K, alpha, a, lda, B, ldb, beta, cm, ldc);
     }
 }
 

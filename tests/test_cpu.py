@@ -195,11 +195,14 @@ def _check_small_m(m, k, n, trans_b, alpha, beta, rng, sgemm, pad=(0, 0, 0)):
 @pytest.mark.parametrize("m", range(2, cpu.SMALL_M_MAX + 1))
 def test_few_row_products_take_the_small_m_kernel_and_equal_numpy(m, trans_b):
     """Every M of the kernel, both layouts MLX uses for x @ W.T and x @ W, alpha/beta,
-    strided lda/ldb/ldc, NaN in C with beta 0, K and N not multiples of 8, tiny sizes
+    strided lda/ldb/ldc, NaN in C with beta 0, K and N not multiples of 8 (N: every
+    remainder of the 4-, 3- and 2-row tiles and the 16-row chunks), tiny sizes
     (N == 1 is sgemv's: test_matrix_vector_products_equal_numpy)."""
     assert cpu.blas.small_m == cpu.SMALL_M_MAX
     sgemm, rng = _forwarder_sgemm(), np.random.default_rng(m)
-    shapes = [(1, 2), (2, 3), (7, 3), (8, 16), (37, 29), (64, 33), (130, 67), (9, 16), (1037, 19)]
+    # K: below, at and between the kernel's steps of 8 and 16 floats, with tails of each
+    shapes = [(1, 2), (2, 3), (7, 3), (8, 16), (24, 50), (37, 29), (48, 23), (64, 33)]
+    shapes += [(130, 67), (9, 16), (1037, 19)]
     before = cpu.blas_calls()
     calls = 0
     for k, n in shapes:

@@ -155,6 +155,7 @@ class Engine:
         self._waiting: List[Job] = []
         self._prefilling: List[list] = []  # [job, steps iterator]
         self._running: Dict[int, Job] = {}
+        self._samplers: Dict[tuple, Any] = {}
         self._closed = False
         self._batch = BatchGenerator(
             model.language_model,
@@ -282,7 +283,13 @@ class Engine:
         if s.seed is not None and s.temperature > 0:
             sampler = seeded_sampler(s)
         else:
-            sampler = make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k)
+            # one object per setting: mlx-lm samples the rows that share a sampler in one
+            # batched call, instead of one slice and one call per request
+            key = (s.temperature, s.top_p, s.min_p, s.top_k)
+            sampler = self._samplers.get(key)
+            if sampler is None:
+                sampler = make_sampler(s.temperature, s.top_p, s.min_p, top_k=s.top_k)
+                self._samplers[key] = sampler
         processors = make_logits_processors(repetition_penalty=s.repetition_penalty)
         ids = job.inputs.input_ids
         (uid,) = self._batch.insert(
