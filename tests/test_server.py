@@ -515,3 +515,19 @@ def test_a_fault_of_ours_is_a_500_in_one_line_and_the_server_goes_on(minicpm, mo
     assert ask(client, "minicpm_v2_5", [openai_user("Hi")], max_tokens=2).choices[0].finish_reason
     err = capfd.readouterr().err
     assert "Traceback" not in err and "RuntimeError: the processor broke" in err
+
+
+def test_a_client_resetting_its_connection_prints_no_traceback(minicpm, capfd):
+    import socket
+    import struct
+
+    server, client, *_ = minicpm
+    host, port = server.httpd.server_address[:2]
+    for _ in range(3):  # an idle keep-alive connection the client drops with a reset
+        s = socket.create_connection((host, port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(4096)
+        s.close()
+    assert ask(client, "minicpm_v2_5", [openai_user("Hi")], max_tokens=2).choices[0].finish_reason
+    assert "Traceback" not in capfd.readouterr().err

@@ -49,6 +49,14 @@ _STATIC = {
 }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # a client closing its connection (e.g. a pooled keep-alive one) is not a fault:
+        # the standard library would print a traceback for it
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class Server:
     """One model served over HTTP: ``Server(...).start()`` or ``serve_forever()``.
 
@@ -91,7 +99,7 @@ class Server:
             prefill_step_size=prefill_step_size,
             prefix_cache_bytes=prefix_cache_bytes,
         )
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.app = self
         self._thread: Optional[threading.Thread] = None
