@@ -14,7 +14,7 @@ Run: ``python benchmarks/blas.py [--mkl DIR] [--lib PATH] [--rounds 2]``.
 ``--small-m`` instead weighs the forwarder's few-row kernel (batched decode: M streams
 times a weight) against what it replaces, in one process, on the same numpy operands:
 C (M x N) = A (M x K) @ W.T, W (N x K) row-major (a Linear weight), for M = 1, 2, 3, 4, 8,
-16 and, by default, the weights of a Llama-3.2-1B layer (2048 x 2048, 2048 x 8192 and
+12, 16 and, by default, the weights of a Llama-3.2-1B layer (2048 x 2048, 2048 x 8192 and
 8192 x 2048; ``--sizes N`` or ``KxN``) and its LM head (2048 x 128256). Each timing cycles
 through distinct weights of 256 MB in all, 8x the L3 cache here: in decoding every weight
 comes from memory (the model is far larger than the caches), so a product timed on one
@@ -34,6 +34,7 @@ import sys
 import time
 
 
+OPENBLAS_IDLE_S = 0.2
 COLD_BYTES = 256 << 20  # --small-m cycles through this much weight: 8x the L3 cache here
 
 
@@ -119,6 +120,10 @@ def small_m(sizes, rounds: int) -> None:
         times = dict.fromkeys(candidates, float("inf"))
         for _ in range(rounds):  # taking turns: the machine's load drifts
             for name, fn in candidates.items():
+                # OpenBLAS's threads spin ~0.1 s after a call of its own before they sleep;
+                # the forwarder's pool would share the cores with them (in decoding of
+                # several streams, where every large product is the forwarder's, they sleep)
+                time.sleep(OPENBLAS_IDLE_S)
                 per_call = best(lambda fn=fn: cycle(fn), repeats) / len(weights)
                 times[name] = min(times[name], per_call)
         w = weights[0]
@@ -141,7 +146,7 @@ def small_m(sizes, rounds: int) -> None:
         count = max(1, -(-COLD_BYTES // (n * k * 4)))  # distinct weights: more than the caches
         rng = np.random.default_rng(0)
         weights = [rng.standard_normal((n, k), dtype=np.float32) for _ in range(count)]
-        for m in (1, 2, 3, 4, 8, 16):
+        for m in (1, 2, 3, 4, 8, 12, 16):
             print(row(weights, m), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

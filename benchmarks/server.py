@@ -110,6 +110,9 @@ def matmul_ms(model, rows, repeats=3):
     weight = model.language_model.model.embed_tokens.weight  # tied: the LM head
     x = mx.random.normal((rows, weight.shape[1]))
     mx.eval(x @ weight.T)
+    # OpenBLAS's threads spin ~0.1 s after a product of theirs (one row: sgemv) before they
+    # sleep; a few-row product timed meanwhile would share the cores with them
+    time.sleep(0.2)
     tic = time.perf_counter()
     for _ in range(repeats):
         mx.eval(x @ weight.T)
@@ -151,15 +154,22 @@ def main():
         stamps.append(time.perf_counter())
     reference = (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[0] - start
 
-    rows = {}
-    for n in (1, 2, 4, 8):
-        aggregates, ttfts = [], []
-        for _ in range(args.rounds):
+    levels = (1, 2, 4, 8)
+    aggregates, ttfts = {n: [] for n in levels}, {n: [] for n in levels}
+    for _ in range(args.rounds):  # the levels take turns: the machine's speed drifts
+        for n in levels:
             server.engine.prefix_cache.clear()
             aggregate, t = concurrent(client, n, args.tokens)
-            aggregates.append(aggregate)
-            ttfts += t
-        rows[n] = (statistics.median(aggregates), percentile(ttfts, 0.5), percentile(ttfts, 0.95))
+            aggregates[n].append(aggregate)
+            ttfts[n] += t
+    rows = {
+        n: (
+            statistics.median(aggregates[n]),
+            percentile(ttfts[n], 0.5),
+            percentile(ttfts[n], 0.95),
+        )
+        for n in levels
+    }
 
     # a conversation about an image: first turn cold, second turn from the caches
     url = "data:image/png;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
