@@ -242,10 +242,13 @@ def test_large_few_row_products_split_over_the_pool_equal_numpy(trans_b):
     try:
         before = cpu.blas_calls()["small_split"]
         for m in (2, 3, 5, 8, 16):
-            for k, n in [(33, 100), (64, 17), (5, 49), (1037, 35)]:
+            # N = 1000: 63 strips of 16 in 24 chunks the threads take one at a time
+            for k, n in [(33, 100), (64, 17), (5, 49), (1037, 35), (40, 1000)]:
                 _check_small_m(m, k, n, trans_b, 1.0, 0.0, rng, sgemm, pad=(1, 3, 2))
                 _check_small_m(m, k, n, trans_b, 0.5, 2.0, rng, sgemm)
-        assert cpu.blas_calls()["small_split"] - before == 40
+        for _ in range(300):  # back to back: a worker waking late must not take a chunk
+            _check_small_m(3, 8, 70, trans_b, 1.0, 0.0, rng, sgemm)  # of the next product
+        assert cpu.blas_calls()["small_split"] - before == 350
         seeds = range(24)
         with ThreadPoolExecutor(4) as pool:
             list(
