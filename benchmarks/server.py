@@ -19,8 +19,22 @@ Rows:
 
 Goals (issue 17): aggregate decode at 4 streams >= 2.5x one stream; the second turn's
 first token >= 3x sooner than the first turn's. The load average is printed beside the
-table: on a shared machine the numbers move with the other work.
+table: on a shared machine the numbers move with the other work (the stream counts take
+turns, round by round, so a drift does not land on one of them).
 Run: ``python benchmarks/server.py [--layers 8 --tokens 32]``.
+
+Measured (``--layers 4 --tokens 24 --rounds 2``, a quiet 2-core x86-64 machine, MLX's
+Linux CPU backend, load average 2.02 2.70 2.71 with the benchmark itself running; on this
+shared virtual machine, runs of the same build have differed by up to ~10%)::
+
+    | streams | aggregate decode tok/s | vs 1 stream | TTFT p50 (s) | TTFT p95 (s) |
+    | reference: `stream_generate`, 1 request | 19.48 | | 0.244 | |
+    | 1 | 19.76 | 1.00x | 0.212 | 0.235 |
+    | 2 | 28.66 | 1.45x | 0.411 | 0.543 |
+    | 4 | 51.29 | 2.60x | 0.751 | 0.837 |
+    | 8 | 65.08 | 3.29x | 1.390 | 1.685 |
+    first turn about an image 13.141 s, second turn 0.217 s (60.6x sooner)
+    LM head 1 / 2 / 4 / 8 rows: 21.7 / 23.3 / 24.8 / 37.5 ms
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ macOS, Metal or CUDA none of this loads.
    why the package's ``__init__`` calls ``link_blas()`` (the one import-order rule;
    ``describe()`` says when it came too late). The forwarder sends one-row products
    (decode) to sgemv, products of 2..16 rows (batched decode: the server's streams)
-   to its own small-M kernel, split over OpenBLAS's thread count for large weights,
-   and counts the calls it answers (``blas_calls()``).
+   to its own small-M kernel, split over OpenBLAS's thread count from 1M-element
+   weights (in chunks the threads take in turn), and counts the calls it answers
+   (``blas_calls()``).
    ``MLX_LLAMA3V_BLAS=0`` keeps MLX's own BLAS, ``MLX_LLAMA3V_BLAS=/path/lib.so``
    takes another library (plain or ``scipy_`` names, e.g. MKL's ``libmkl_rt.so``),
    ``MLX_LLAMA3V_GEMV=0`` leaves one-row products to sgemm, ``MLX_LLAMA3V_SMALL_M=0``
