@@ -23,7 +23,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
@@ -316,38 +315,11 @@ static void run_chunks(const struct small_job *j, unsigned long long generation)
     }
 }
 
-/* Nanoseconds a worker waits awake for the next product before it sleeps: products come in
- * bursts (a decode step's ~30, 0.1-1 ms apart, between MLX's other ops), and waking a
- * sleeping thread (on a virtual machine: its idle CPU) can cost as much as a small product
- * takes, so the small ones found the worker asleep and ran nearly alone. OpenBLAS's own
- * threads wait awake far longer (about 0.1 s). */
-static long long pool_spin_ns = 1000000;
-
-static long long now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long long)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void pool_wait_awake(unsigned long seen) { /* called without pool_lock */
-    long long until = now_ns() + __atomic_load_n(&pool_spin_ns, __ATOMIC_RELAXED);
-    while (__atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE) == seen && now_ns() < until) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-    }
-}
-
 static void *pool_worker(void *arg) {
     int id = (int)(intptr_t)arg;
     unsigned long seen = 0;
     pthread_mutex_lock(&pool_lock);
     for (;;) {
-        if (pool_generation == seen) {
-            pthread_mutex_unlock(&pool_lock);
-            pool_wait_awake(seen);
-            pthread_mutex_lock(&pool_lock);
-        }
         while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
         seen = pool_generation;
         struct small_job job = pool_job; /* the caller may post the next one meanwhile */
@@ -400,8 +372,7 @@ static void small_m(int trans_b, int M, int N, int K, float alpha, const float *
             job.chunks = parts * CHUNKS_PER_THREAD < strips ? parts * CHUNKS_PER_THREAD : strips;
             pthread_mutex_lock(&pool_lock);
             pool_job = job;
-            unsigned long long generation =
-                __atomic_add_fetch(&pool_generation, 1, __ATOMIC_ACQ_REL) & 0xffffffffu;
+            unsigned long long generation = ++pool_generation & 0xffffffffu;
             __atomic_store_n(&pool_finished, 0, __ATOMIC_RELEASE);
             __atomic_store_n(&pool_ticket, generation << 32, __ATOMIC_RELEASE);
             pthread_cond_broadcast(&pool_wake);
@@ -417,12 +388,6 @@ static void small_m(int trans_b, int M, int N, int K, float alpha, const float *
         pthread_mutex_unlock(&pool_busy);
     }
     run_chunk(&job, 0);
-}
-
-/* How long (ns, >= 0) the pool's workers wait awake for the next product before they sleep;
- * returns the previous value. For benchmarks/blas.py and tests. */
-long long mlx_llama3v_blas_spin(long long ns) {
-    return __atomic_exchange_n(&pool_spin_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED);
 }
 
 /* Sets the small-M kernel's row limit (<= 1: off, clamped to SMALL_M_MAX), the threads

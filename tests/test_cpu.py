@@ -1,7 +1,6 @@
 """The Linux CPU machinery (``mlx_llama3v.cpu``): the BLAS MLX's products reach, the
 sgemv routing of one-row products, the numpy tower kernels and how they switch on."""
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -247,15 +246,8 @@ def test_large_few_row_products_split_over_the_pool_equal_numpy(trans_b):
             for k, n in [(33, 100), (64, 17), (5, 49), (1037, 35), (40, 1000)]:
                 _check_small_m(m, k, n, trans_b, 1.0, 0.0, rng, sgemm, pad=(1, 3, 2))
                 _check_small_m(m, k, n, trans_b, 0.5, 2.0, rng, sgemm)
-        spin = cpu.blas.shim.mlx_llama3v_blas_spin
-        spin.argtypes, spin.restype = [ctypes.c_longlong], ctypes.c_longlong
-        for wait_awake in (0, 10**6):  # workers that sleep at once, workers that wait awake
-            default = spin(wait_awake)
-            try:  # back to back: a worker waking late must not take a chunk of the next one
-                for _ in range(150):
-                    _check_small_m(3, 8, 70, trans_b, 1.0, 0.0, rng, sgemm)
-            finally:
-                spin(default)
+        for _ in range(300):  # back to back: a worker waking late must not take a chunk
+            _check_small_m(3, 8, 70, trans_b, 1.0, 0.0, rng, sgemm)  # of the next product
         assert cpu.blas_calls()["small_split"] - before == 350
         seeds = range(24)
         with ThreadPoolExecutor(4) as pool:
