@@ -12,7 +12,7 @@
  * Few-row products (2 <= M <= small_m_limit, row-major, A not transposed: the decode
  * step of several streams at once) get this file's own kernel (small_m below), which
  * streams each weight row once against all M rows of A; OpenBLAS's sgemm packs B there
- * too and costs 3-4x one sgemv (weights read from memory, as in decoding: benchmarks/blas.py
+ * too and costs 2-4x one sgemv (weights read from memory, as in decoding: benchmarks/blas.py
  * --small-m), and M sgemv calls read B M times. Every other product goes to sgemm unchanged.
  * Every call answered is counted, so tests can check MLX's products really arrive.
  */
