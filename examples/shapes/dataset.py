@@ -2,8 +2,15 @@
 
 Each picture holds one to three shapes (circle, square, triangle) in distinct
 quadrants, in one of four colours and two sizes, on a varied light background.
-Questions ask what is there, how many, which colour, where, and whether a kind is
-present; answers are short so held-out accuracy is an exact-match score.
+
+Questions come in six kinds, each asked in several phrasings: what is there (the full
+description), how many, which colour, where, whether a kind is present, and questions
+the model cannot know (answered honestly with ``UNKNOWN``). Every kind has phrasings
+used in training and phrasings held out from it (``phrasing="held_out"``), so that the
+evaluation measures the questions as a newcomer types them, not one memorised string.
+Asked about a kind that is not in the picture, or that is there more than once, the
+colour and place questions get the honest answer (``there is no circle``,
+``there are two squares``). Answers are short and exact, so accuracy is exact match.
 """
 
 from __future__ import annotations
@@ -25,7 +32,119 @@ COLOURS = {
 }
 PLACES = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three")
-QUESTION_KINDS = ("shapes", "count", "colour", "place", "exists")
+QUESTION_KINDS = ("shapes", "count", "colour", "place", "exists", "unknown")
+UNKNOWN = "I can only tell which shapes there are, their colours, how many and where."
+
+# Phrasings per question kind: ("train", "held_out"). Held-out ones are never trained on;
+# they reuse the training phrasings' words in new orders, as people rephrase.
+PHRASINGS: Dict[str, Dict[str, Sequence[str]]] = {
+    "shapes": {
+        "train": (
+            "What shapes do you see?",
+            "Describe the picture.",
+            "What is in this image?",
+            "What do you see?",
+            "Describe this image.",
+            "What is in the picture?",
+            "Tell me what you see in the picture.",
+            "What shapes are in this image?",
+            "List the shapes.",
+        ),
+        "held_out": (
+            "What do you see in this image?",
+            "Describe the image.",
+            "What shapes are in the picture?",
+            "Tell me what is in this image.",
+        ),
+    },
+    "count": {
+        "train": (
+            "How many shapes are there?",
+            "How many objects are in the picture?",
+            "Count the shapes.",
+            "How many shapes do you see?",
+            "How many objects are there?",
+            "How many shapes are in this image?",
+        ),
+        "held_out": (
+            "How many objects do you see?",
+            "How many shapes are in the picture?",
+            "Count the objects in this image.",
+        ),
+    },
+    "colour": {
+        "train": (
+            "What colour is the {k}?",
+            "What color is the {k}?",
+            "Which colour is the {k}?",
+            "What is the colour of the {k}?",
+            "Tell me the color of the {k}.",
+        ),
+        "held_out": (
+            "Which color is the {k}?",
+            "What is the color of the {k}?",
+            "Tell me the colour of the {k}.",
+        ),
+    },
+    "place": {
+        "train": (
+            "Where is the {k}?",
+            "In which corner is the {k}?",
+            "Where is the {k} in the picture?",
+            "Which corner is the {k} in?",
+        ),
+        "held_out": (
+            "Where is the {k} in this image?",
+            "In which corner of the picture is the {k}?",
+            "Which corner is the {k} in, in this image?",
+        ),
+    },
+    "exists": {
+        "train": (
+            "Is there a {k}?",
+            "Do you see a {k}?",
+            "Is there a {k} in the picture?",
+            "Can you see a {k}?",
+        ),
+        "held_out": (
+            "Do you see a {k} in this image?",
+            "Is there a {k} in this image?",
+            "Can you see a {k} in the picture?",
+        ),
+    },
+    "unknown": {
+        "train": (
+            "What is the weather like?",
+            "Who made this picture?",
+            "What time is it?",
+            "Is this a photo of a cat?",
+            "What is the capital of France?",
+            "Tell me a story.",
+            "What is your name?",
+            "Why is the sky blue?",
+            "How old is the circle?",
+            "What does the square smell like?",
+            "Is it raining?",
+            "What is the dog doing?",
+            "Hello!",
+            "Who are you?",
+            "How are you today?",
+            "What animal is this?",
+            "Which animal is larger, the elephant or the mouse?",
+            "How many people are in the photo?",
+            "What colour is the car?",
+            "Where is the house?",
+        ),
+        "held_out": (
+            "Who drew this image?",
+            "What is the weather in this picture?",
+            "Tell me a story about the picture.",
+            "How old are you?",
+            "Where is the dog?",
+            "What colour is the sky?",
+        ),
+    },
+}
 
 
 @dataclass
@@ -68,40 +187,83 @@ def draw(shapes: Sequence[Shape], rng: random.Random, size: int = 64) -> Image.I
 
 
 def describe(shapes: Sequence[Shape]) -> str:
+    """The full description, in reading order (top left first)."""
     words = [s.words() for s in shapes]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def questions(shapes: Sequence[Shape], rng: random.Random) -> List[Dict[str, str]]:
-    """One question of each kind that has an unambiguous answer for these shapes."""
-    qa = [
-        {"kind": "shapes", "q": "What shapes do you see?", "a": describe(shapes)},
-        {"kind": "count", "q": "How many shapes are there?", "a": NUMBERS[len(shapes)]},
-    ]
-    kinds = [s.kind for s in shapes]
-    unique = [s for s in shapes if kinds.count(s.kind) == 1]
-    if unique:
-        s = rng.choice(unique)
-        qa.append({"kind": "colour", "q": f"What colour is the {s.kind}?", "a": s.colour})
-        qa.append({"kind": "place", "q": f"Where is the {s.kind}?", "a": PLACES[s.place]})
-    kind = rng.choice(KINDS)
-    qa.append({"kind": "exists", "q": f"Is there a {kind}?", "a": "yes" if kind in kinds else "no"})
+def _not_one(kind: str, n: int) -> str:
+    return f"there is no {kind}" if n == 0 else f"there are {NUMBERS[n]} {kind}s"
+
+
+def answers(shapes: Sequence[Shape], kind: str, about: str = "") -> str:
+    """The right answer to a question of ``kind`` (about the shape kind ``about``)."""
+    if kind == "shapes":
+        return describe(shapes)
+    if kind == "count":
+        return NUMBERS[len(shapes)]
+    if kind == "unknown":
+        return UNKNOWN
+    found = [s for s in shapes if s.kind == about]
+    if kind == "exists":
+        return "yes" if found else "no"
+    if len(found) != 1:
+        return _not_one(about, len(found))
+    return found[0].colour if kind == "colour" else PLACES[found[0].place]
+
+
+def questions(
+    shapes: Sequence[Shape], rng: random.Random, phrasing: str = "train", unknown: float = 0.5
+) -> List[Dict[str, str]]:
+    """One question of each kind, in a phrasing drawn from ``PHRASINGS[kind][phrasing]``.
+
+    Colour and place ask about a kind in the picture three times in four, else about
+    any kind (which may be absent or doubled: the honest answers); an unknown question
+    is added with probability ``unknown``."""
+    present = sorted({s.kind for s in shapes})
+    qa = []
+    for kind in QUESTION_KINDS:
+        if kind == "unknown" and rng.random() >= unknown:
+            continue
+        about = ""
+        if kind in ("colour", "place"):
+            about = rng.choice(present) if rng.random() < 0.75 else rng.choice(KINDS)
+        elif kind == "exists":
+            about = rng.choice(KINDS)
+        text = rng.choice(PHRASINGS[kind][phrasing]).format(k=about)
+        qa.append({"kind": kind, "about": about, "q": text, "a": answers(shapes, kind, about)})
     return qa
 
 
-def make_split(out: Path, n: int, seed: int, size: int = 64, conversations: bool = True) -> Path:
+def _typed(question: str, rng: random.Random) -> str:
+    """How people type: sometimes lower case, sometimes without the final mark."""
+    if rng.random() < 0.2:
+        question = question[0].lower() + question[1:]
+    if rng.random() < 0.2 and question[-1] in "?.!":
+        question = question[:-1]
+    return question
+
+
+def make_split(
+    out: Path,
+    n: int,
+    seed: int,
+    size: int = 64,
+    conversations: bool = True,
+    phrasing: str = "train",
+) -> Path:
     """Draw n pictures into out/images and write out/data.jsonl (LLaVA format).
 
-    With ``conversations`` (training data) each picture is one multi-turn record
-    asking all of its questions in a random order: every image is then encoded once
-    for five answers, which made training about twice as fast per second as one
-    question per record. The order matters: with the full description always last
-    (so that it could be pieced together from the earlier answers) the model learned
-    to lean on the conversation instead of the picture: held-out counting (one
-    question at a time) reached 0.44 after 2000 steps that way, 0.86 after 1000
-    steps with random order.
-    Without (evaluation data), one record per question, carrying its ``kind`` so
-    each question type is scored.
+    Training data (``conversations``): each picture is one conversation asking all of
+    its questions in a random order, so the picture is encoded once for six answers.
+    Measured against one record per question (the same pictures and features): after
+    1500 steps of 32 single questions the model still answered blind (held-out colour
+    0.16, count 0.21), after 1000 steps of 16 conversations it read colours (0.53) and
+    began to count. The order is random because with the full description always last
+    the model learned to piece it together from the earlier answers instead of the
+    picture.
+    Evaluation data (``conversations=False``): one record per question, carrying its
+    ``kind`` so each question type is scored.
     """
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -110,13 +272,21 @@ def make_split(out: Path, n: int, seed: int, size: int = 64, conversations: bool
             shapes = random_shapes(rng)
             name = f"images/{i:05d}.png"
             draw(shapes, rng, size).save(out / name)
-            qa = questions(shapes, rng)
+            qa = questions(shapes, rng, phrasing)
             if conversations:
+                for q in qa:
+                    q["q"] = _typed(q["q"], rng)
                 rng.shuffle(qa)
                 records = [{"image": name, "conversations": _turns(qa)}]
             else:
                 records = [
-                    {"image": name, "kind": q["kind"], "conversations": _turns([q])} for q in qa
+                    {
+                        "image": name,
+                        "kind": q["kind"],
+                        "about": q["about"],
+                        "conversations": _turns([q]),
+                    }
+                    for q in qa
                 ]
             for record in records:
                 f.write(json.dumps(record) + "\n")
@@ -129,13 +299,3 @@ def _turns(qa: Sequence[Dict[str, str]]) -> List[Dict[str, str]]:
         turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q["q"]})
         turns.append({"from": "gpt", "value": q["a"]})
     return turns
-
-
-def corpus() -> List[str]:
-    """Every word the questions and answers use, for training the tokenizer."""
-    words = list(KINDS) + list(COLOURS) + list(PLACES) + list(NUMBERS) + ["yes", "no"]
-    lines = ["What shapes do you see?", "How many shapes are there?"]
-    lines += [f"What colour is the {k}?" for k in KINDS] + [f"Where is the {k}?" for k in KINDS]
-    lines += [f"Is there a {k}?" for k in KINDS]
-    lines += [f"a {c} {k}, a {c} {k} and a {c} {k}" for c in COLOURS for k in KINDS]
-    return lines + words
