@@ -4,9 +4,12 @@
     python examples/shapes/build.py --quick --out /tmp/shapes-model   # a short run (the test's)
 
 Steps, each the real command a user would run:
-1. draw the dataset (``dataset.py``): train, valid and held-out test pictures with Q&A;
-2. build a random tiny model: a small SigLIP-shaped tower, the article's ``attention``
-   projector and a small Llama 3-shaped LM on a tiny ``tokenizers``-trained BPE;
+1. draw the dataset (``dataset.py``): train, valid and held-out test pictures with Q&A
+   (the test pictures asked in the phrasings held out from training);
+2. build the initial tiny model: a small SigLIP-shaped tower pretrained on the pictures
+   with SigLIP's sigmoid image-text loss (``pretrain_tower.py``), the article's
+   ``attention`` projector and a small Llama 3-shaped LM (random) on a tiny
+   ``tokenizers``-trained BPE;
 3. ``mlx_llama3v.embed`` the training pictures into a feature cache (the tower is frozen);
 4. ``mlx_llama3v.train --stage sft --fine-tune-type full --train-projector`` from the
    cache: the LM starts from random weights, so it trains in full (embeddings and head
@@ -15,7 +18,8 @@ Steps, each the real command a user would run:
    random LM it erases the picture information (see ``build``);
 5. ``mlx_llama3v.fuse`` into the final folder;
 6. evaluate held-out accuracy with ``mlx_llama3v.generate``'s Python API (greedy,
-   exact match per question kind) and write ``eval.json`` beside the model.
+   exact match per question kind) and write ``eval.json`` beside the model; the full
+   build then asks the committed samples their questions again (``samples/``).
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ import dataset  # noqa: E402
 # The tiny model. The tower is random and frozen, as the recipe keeps it: the
 # projector learns to read its features.
 VISION = dict(
-    hidden_size=96,
-    intermediate_size=256,
-    num_hidden_layers=3,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
     num_attention_heads=4,
     image_size=64,
-    patch_size=16,
+    patch_size=32,
     variant="siglip",
 )
 PROJECTOR = dict(kind="attention", num_layers=2, num_attention_heads=4, intermediate_size=256)
@@ -56,8 +60,24 @@ TEXT = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
-FULL = dict(train=5000, valid=100, test=200, sft_iters=3000)
-QUICK = dict(train=1500, valid=40, test=60, sft_iters=800)
+FULL = dict(
+    train=12000,
+    valid=100,
+    test=200,
+    tower_steps=1500,
+    sft_iters=4500,
+    batch_size=16,
+    learning_rate=1e-3,
+)
+QUICK = dict(
+    train=1500,
+    valid=40,
+    test=40,
+    tower_steps=300,
+    sft_iters=300,
+    batch_size=16,
+    learning_rate=2e-3,
+)
 
 
 def run(*args: str) -> None:
@@ -70,15 +90,24 @@ def run(*args: str) -> None:
 def make_data(work: Path, sizes: dict, seed: int) -> dict:
     splits = {}
     for i, name in enumerate(("train", "valid", "test")):
+        test = name == "test"  # held-out pictures, asked in held-out phrasings
         splits[name] = dataset.make_split(
-            work / name, sizes[name], seed=seed * 10 + i, conversations=name != "test"
+            work / name,
+            sizes[name],
+            seed=seed * 10 + i,
+            conversations=not test,
+            phrasing="held_out" if test else "train",
         )
     return splits
 
 
-def make_initial_model(folder: Path, seed: int) -> None:
-    """A random model in the converted-folder format, with a tiny BPE tokenizer."""
+def make_initial_model(folder: Path, seed: int, tower_steps: int) -> None:
+    """The initial model in the converted-folder format, with a tiny BPE tokenizer: a
+    vision tower pretrained with SigLIP's loss (``pretrain_tower.py``), a random
+    projector and a random language model."""
+    import mlx_llama3v  # noqa: F401  (first: on Linux it links the fast BLAS before mlx.core)
     import mlx.core as mx
+    from pretrain_tower import pretrain
 
     from mlx_llama3v.config import ModelConfig
     from mlx_llama3v.convert.common import staging, write_config
@@ -111,6 +140,7 @@ def make_initial_model(folder: Path, seed: int) -> None:
             processor_config=processor,
         )
         model = Model(config)
+        model.vision_tower.update(pretrain(VISION, tower_steps, seed).parameters())
         mx.eval(model.parameters())
         save_model(tmp, model)
         write_config(config, {"eos_token_id": [tokenizer.convert_tokens_to_ids("<|eot_id|>")]}, tmp)
@@ -149,7 +179,7 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
     splits = make_data(work, sizes, seed)
-    make_initial_model(work / "init", seed)
+    make_initial_model(work / "init", seed, sizes["tower_steps"])
     for split in ("train", "valid"):
         run(
             "mlx_llama3v.embed",
@@ -171,14 +201,14 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
         "--features",
         str(work / "features"),
         "--batch-size",
-        "16",
+        str(sizes["batch_size"]),
         "--max-length",
         "320",
         "--seed",
         str(seed),
         "--no-progress",
         "--save-every",
-        "1000000",
+        "1000",
     ]
     # No ``--stage pretrain`` here: it trains the projector against a frozen language
     # model, and this one is random. Measured on the short run, 30 such steps shrank the
@@ -200,7 +230,7 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
         "--iters",
         str(sizes["sft_iters"]),
         "--learning-rate",
-        "1e-3",
+        str(sizes["learning_rate"]),
         "--warmup-steps",
         "50",
         "--min-lr-ratio",
@@ -225,17 +255,48 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
 
 
 def write_samples(folder: Path, n: int = 6, seed: int = 12345) -> None:
-    """A handful of held-out pictures with their expected answers, for the README and tests."""
+    """A handful of held-out pictures with their right answers (held-out phrasings), for
+    the README and the tests. The pictures are drawn once and kept: their shapes are
+    stored in ``answers.json``, and a later build only asks them its questions again."""
     import random
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "answers.json"
+    kept = json.loads(index.read_text()) if index.exists() else []
     answers = []
     for i in range(n):
-        shapes = dataset.random_shapes(rng)
-        dataset.draw(shapes, rng).save(folder / f"{i}.png")
-        answers.append({"image": f"{i}.png", "qa": dataset.questions(shapes, rng)})
-    (folder / "answers.json").write_text(json.dumps(answers, indent=2))
+        if i < len(kept) and "shapes" in kept[i]:
+            shapes = [dataset.Shape(**s) for s in kept[i]["shapes"]]
+        else:
+            shapes = dataset.random_shapes(rng)
+            dataset.draw(shapes, rng).save(folder / f"{i}.png")
+        answers.append(
+            {
+                "image": f"{i}.png",
+                "shapes": [vars(s) for s in shapes],
+                "qa": dataset.questions(shapes, rng, phrasing="held_out", unknown=1.0),
+            }
+        )
+    index.write_text(json.dumps(answers, indent=2))
+
+
+def sample_table(model_dir: Path, folder: Path = HERE / "samples") -> str:
+    """A markdown table of the committed samples: each picture, its questions and the
+    model's greedy answers (marked when wrong), for the README."""
+    from mlx_llama3v import generate, load
+
+    model, processor = load(str(model_dir))
+    rows = ["| picture | question | answer |", "|---|---|---|"]
+    for sample in json.loads((folder / "answers.json").read_text()):
+        for k, qa in enumerate(sample["qa"]):
+            image = str(folder / sample["image"])
+            out = generate(model, processor, qa["q"], images=[image], max_tokens=48, temp=0.0)
+            got = out.text.strip()
+            mark = "" if got == qa["a"] else f" (wrong: the answer is {qa['a']})"
+            picture = f"![{sample['image']}](samples/{sample['image']})" if k == 0 else ""
+            rows.append(f"| {picture} | {qa['q']} | {got}{mark} |")
+    return "\n".join(rows)
 
 
 def main():
@@ -246,7 +307,15 @@ def main():
     )
     ap.add_argument("--quick", action="store_true", help="the short run the test uses")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--samples-table",
+        action="store_true",
+        help="only print the samples' answers by --out's model as a markdown table",
+    )
     args = ap.parse_args()
+    if args.samples_table:
+        print(sample_table(args.out))
+        return
     import tempfile
 
     sizes = QUICK if args.quick else FULL
