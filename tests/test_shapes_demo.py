@@ -90,13 +90,13 @@ README_COMMAND = (
 )
 
 # Questions as a newcomer types them about the committed samples (none of these strings
-# is a training phrasing), with the right answers read off the pictures.
+# is a training phrasing: checked below), with the right answers read off the pictures.
 NEWCOMER = [
     ("4.png", "Describe the picture in this image.", "a red square and a yellow triangle"),
     ("4.png", "how many objects are in this image", "two"),
-    ("0.png", "What color is the square?", "there are two squares"),
-    ("3.png", "Where is the circle in this picture?", "there are three circles"),
-    ("2.png", "Do you see a triangle in the picture?", "no"),
+    ("0.png", "Which color is the square in this picture?", "there are two squares"),
+    ("3.png", "In which corner of the picture is the circle?", "there are three circles"),
+    ("2.png", "Does this picture show a triangle?", "no"),
     ("5.png", "What is the weather like today?", None),
 ]
 
@@ -158,7 +158,15 @@ def test_committed_model_answers_the_samples():
 
 def test_committed_model_answers_a_newcomer():
     """Questions phrased the way a newcomer types them, about the committed samples."""
-    unknown = _shapes("dataset").UNKNOWN
+    dataset = _shapes("dataset")
+    trained = {
+        p.lower().rstrip("?.!")
+        for kind in dataset.QUESTION_KINDS
+        for k in dataset.KINDS
+        for p in dataset.phrasings(kind, "train", k)
+    }
+    assert not [q for _, q, _ in NEWCOMER if q.lower().rstrip("?.!") in trained]
+    unknown = dataset.UNKNOWN
     questions = [(SAMPLES / image, q, a or unknown) for image, q, a in NEWCOMER]
     wrong = [(q, got, want) for q, got, want in _answers(questions) if got != want]
     assert not wrong, wrong

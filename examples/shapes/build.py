@@ -203,7 +203,7 @@ def build(out: Path, work: Path, sizes: dict, seed: int = 0) -> dict:
         "--batch-size",
         str(sizes["batch_size"]),
         "--max-length",
-        "320",
+        "384",
         "--seed",
         str(seed),
         "--no-progress",

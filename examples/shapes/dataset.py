@@ -19,7 +19,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
 
 from PIL import Image, ImageDraw
 
@@ -35,88 +37,100 @@ NUMBERS = ("zero", "one", "two", "three")
 QUESTION_KINDS = ("shapes", "count", "colour", "place", "exists", "unknown")
 UNKNOWN = "I can only tell which shapes there are, their colours, how many and where."
 
-# Phrasings per question kind: ("train", "held_out"). Held-out ones are never trained on;
-# they reuse the training phrasings' words in new orders, as people rephrase.
-PHRASINGS: Dict[str, Dict[str, Sequence[str]]] = {
+# Phrasings per question kind: ("train", "held_out"), written as templates. ``{k}`` is
+# the shape asked about, ``{o}`` one of PICTURE's words and ``{s}`` one of SUFFIXES (none,
+# "in the picture", "here", ...). Every kind is asked with every suffix, so that "in this
+# image" says nothing about which kind of question it ends (measured: with the suffixes
+# spread unevenly, "Count the objects in this image." was answered with a description,
+# because "in this image" had ended description questions). Held-out templates are never
+# trained on, in any filling; they recombine the training phrasings' words, as people
+# rephrase.
+PICTURE = ("the picture", "this picture", "the image", "this image")
+SUFFIXES = ("", " here") + tuple(f" in {o}" for o in PICTURE)
+
+TEMPLATES: Dict[str, Dict[str, Sequence[str]]] = {
     "shapes": {
         "train": (
-            "What shapes do you see?",
-            "Describe the picture.",
-            "What is in this image?",
-            "What do you see?",
-            "Describe this image.",
-            "What is in the picture?",
-            "Tell me what you see in the picture.",
-            "What shapes are in this image?",
-            "List the shapes.",
+            "What shapes do you see{s}?",
+            "What do you see{s}?",
+            "Describe {o}.",
+            "What is in {o}?",
+            "Tell me what you see{s}.",
+            "What shapes are there{s}?",
+            "Which shapes are there{s}?",
+            "List the shapes{s}.",
+            "Describe the shapes{s}.",
         ),
         "held_out": (
-            "What do you see in this image?",
-            "Describe the image.",
-            "What shapes are in the picture?",
-            "Tell me what is in this image.",
+            "Tell me what is in {o}.",
+            "What shapes can you see{s}?",
+            "Describe what you see{s}.",
         ),
     },
     "count": {
         "train": (
-            "How many shapes are there?",
-            "How many objects are in the picture?",
-            "Count the shapes.",
-            "How many shapes do you see?",
-            "How many objects are there?",
-            "How many shapes are in this image?",
+            "How many shapes are there{s}?",
+            "How many objects are there{s}?",
+            "How many shapes do you see{s}?",
+            "How many shapes are in {o}?",
+            "Count the shapes{s}.",
+            "What is the number of shapes{s}?",
+            "How many things are there{s}?",
         ),
         "held_out": (
-            "How many objects do you see?",
-            "How many shapes are in the picture?",
-            "Count the objects in this image.",
+            "How many objects do you see{s}?",
+            "How many objects are in {o}?",
+            "Count the objects{s}.",
         ),
     },
     "colour": {
         "train": (
-            "What colour is the {k}?",
-            "What color is the {k}?",
-            "Which colour is the {k}?",
-            "What is the colour of the {k}?",
-            "Tell me the color of the {k}.",
+            "What colour is the {k}{s}?",
+            "What color is the {k}{s}?",
+            "Which colour is the {k}{s}?",
+            "What is the colour of the {k}{s}?",
+            "Tell me the color of the {k}{s}.",
+            "What colour does the {k} have{s}?",
         ),
         "held_out": (
-            "Which color is the {k}?",
-            "What is the color of the {k}?",
-            "Tell me the colour of the {k}.",
+            "Which color is the {k}{s}?",
+            "What is the color of the {k}{s}?",
+            "Tell me the colour of the {k}{s}.",
         ),
     },
     "place": {
         "train": (
-            "Where is the {k}?",
-            "In which corner is the {k}?",
-            "Where is the {k} in the picture?",
+            "Where is the {k}{s}?",
+            "In which corner is the {k}{s}?",
             "Which corner is the {k} in?",
+            "Where is the {k} located{s}?",
+            "In which part of {o} is the {k}?",
+            "Where can you see the {k}{s}?",
         ),
         "held_out": (
-            "Where is the {k} in this image?",
-            "In which corner of the picture is the {k}?",
-            "Which corner is the {k} in, in this image?",
+            "In which corner of {o} is the {k}?",
+            "Where do you see the {k}{s}?",
+            "Which corner is the {k} in, in {o}?",
         ),
     },
     "exists": {
         "train": (
-            "Is there a {k}?",
-            "Do you see a {k}?",
-            "Is there a {k} in the picture?",
-            "Can you see a {k}?",
+            "Is there a {k}{s}?",
+            "Do you see a {k}{s}?",
+            "Can you see a {k}{s}?",
+            "Is there any {k}{s}?",
+            "Does {o} have a {k}?",
         ),
         "held_out": (
-            "Do you see a {k} in this image?",
-            "Is there a {k} in this image?",
-            "Can you see a {k} in the picture?",
+            "Do you see any {k}{s}?",
+            "Does {o} show a {k}?",
         ),
     },
     "unknown": {
         "train": (
-            "What is the weather like?",
-            "Who made this picture?",
-            "What time is it?",
+            "What is the weather like{s}?",
+            "Who made {o}?",
+            "What time is it{s}?",
             "Is this a photo of a cat?",
             "What is the capital of France?",
             "Tell me a story.",
@@ -124,27 +138,57 @@ PHRASINGS: Dict[str, Dict[str, Sequence[str]]] = {
             "Why is the sky blue?",
             "How old is the circle?",
             "What does the square smell like?",
-            "Is it raining?",
-            "What is the dog doing?",
+            "Is it raining{s}?",
+            "What is the dog doing{s}?",
             "Hello!",
             "Who are you?",
             "How are you today?",
             "What animal is this?",
             "Which animal is larger, the elephant or the mouse?",
             "How many people are in the photo?",
-            "What colour is the car?",
-            "Where is the house?",
+            # The attribute questions about things that are not shapes: the model has to
+            # answer from the noun, not from the question's frame.
+            "What colour is the {x}{s}?",
+            "What color is the {x}?",
+            "Where is the {x}{s}?",
+            "How many {x}s are there{s}?",
+            "Is the {x} big{s}?",
         ),
         "held_out": (
-            "Who drew this image?",
-            "What is the weather in this picture?",
-            "Tell me a story about the picture.",
+            "Who drew {o}?",
+            "What is the weather in {o}?",
+            "Tell me a story about {o}.",
             "How old are you?",
             "Where is the dog?",
             "What colour is the sky?",
+            "How many cars are in {o}?",
         ),
     },
 }
+# Things that are not shapes, for the unknown templates (never "dog" or "sky": the
+# held-out questions ask about those).
+OTHER_THINGS = ("car", "house", "cat", "tree", "sun", "bird", "boat", "flower", "person", "table")
+
+
+def _fill(template: str, k: str) -> List[str]:
+    """Every phrasing a template stands for (``{k}`` filled with the shape ``k``)."""
+    out = []
+    for s in SUFFIXES if "{s}" in template else ("",):
+        for o in PICTURE if "{o}" in template else ("",):
+            for x in OTHER_THINGS if "{x}" in template else ("",):
+                out.append(template.format(k=k, s=s, o=o, x=x))
+    return out
+
+
+def phrasings(kind: str, split: str = "train", k: str = "{k}") -> List[str]:
+    """All phrasings of a question kind in a split (``{k}`` left in unless given)."""
+    return [p for t in TEMPLATES[kind][split] for p in _fill(t, k)]
+
+
+def phrase(kind: str, split: str, k: str, rng: random.Random) -> str:
+    """One phrasing: a template drawn evenly, then one of its fillings (so a template
+    with many fillings is not asked more often)."""
+    return rng.choice(_fill(rng.choice(TEMPLATES[kind][split]), k))
 
 
 @dataclass
@@ -186,6 +230,15 @@ def draw(shapes: Sequence[Shape], rng: random.Random, size: int = 64) -> Image.I
     return img
 
 
+def drawn(n: int, seed: int, size: int = 64) -> Iterator[Tuple[List[Shape], np.ndarray]]:
+    """n random pictures as (shapes, uint8 pixels, channels last): for the tower's
+    pretraining and the probes, which need the labels beside the pixels."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        shapes = random_shapes(rng)
+        yield shapes, np.asarray(draw(shapes, rng, size), dtype=np.uint8)
+
+
 def describe(shapes: Sequence[Shape]) -> str:
     """The full description, in reading order (top left first)."""
     words = [s.words() for s in shapes]
@@ -215,7 +268,7 @@ def answers(shapes: Sequence[Shape], kind: str, about: str = "") -> str:
 def questions(
     shapes: Sequence[Shape], rng: random.Random, phrasing: str = "train", unknown: float = 0.5
 ) -> List[Dict[str, str]]:
-    """One question of each kind, in a phrasing drawn from ``PHRASINGS[kind][phrasing]``.
+    """One question of each kind, in a phrasing of ``TEMPLATES[kind][phrasing]``.
 
     Colour and place ask about a kind in the picture three times in four, else about
     any kind (which may be absent or doubled: the honest answers); an unknown question
@@ -230,7 +283,7 @@ def questions(
             about = rng.choice(present) if rng.random() < 0.75 else rng.choice(KINDS)
         elif kind == "exists":
             about = rng.choice(KINDS)
-        text = rng.choice(PHRASINGS[kind][phrasing]).format(k=about)
+        text = phrase(kind, phrasing, about, rng)
         qa.append({"kind": kind, "about": about, "q": text, "a": answers(shapes, kind, about)})
     return qa
 

@@ -20,7 +20,6 @@ Only the tower is kept; the text encoder and both projection heads are thrown aw
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -51,13 +50,9 @@ def caption_ids(text: str) -> List[int]:
 
 def pictures(n: int, seed: int):
     """n pictures (uint8, channels last) and their caption ids."""
-    rng = random.Random(seed)
-    images, captions = [], []
-    for _ in range(n):
-        shapes = dataset.random_shapes(rng)
-        images.append(np.asarray(dataset.draw(shapes, rng), dtype=np.uint8))
-        captions.append(caption_ids(caption(shapes)))
-    return np.stack(images), np.array(captions, dtype=np.int32)
+    drawn = list(dataset.drawn(n, seed))
+    images = np.stack([pixels for _, pixels in drawn])
+    return images, np.array([caption_ids(caption(shapes)) for shapes, _ in drawn], dtype=np.int32)
 
 
 def pretrain(

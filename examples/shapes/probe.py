@@ -17,7 +17,6 @@ first, or hidden in small ones (present, but slow to learn to read).
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -35,12 +34,9 @@ CLASSES = [4] * 4 + [5] * 4 + [4]
 
 def pictures(n: int, seed: int):
     """n pictures as normalised arrays (the processor's mean/std 0.5), and their labels."""
-    rng = random.Random(seed)
     images, labels = [], []
-    for _ in range(n):
-        shapes = dataset.random_shapes(rng)
-        pixels = np.asarray(dataset.draw(shapes, rng), dtype=np.float32) / 255.0
-        images.append((pixels - 0.5) / 0.5)
+    for shapes, pixels in dataset.drawn(n, seed):
+        images.append((pixels.astype(np.float32) / 255.0 - 0.5) / 0.5)
         kind, colour = [0] * 4, [0] * 4
         for s in shapes:
             kind[s.place] = 1 + dataset.KINDS.index(s.kind)
