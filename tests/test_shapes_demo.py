@@ -40,18 +40,22 @@ def blind_accuracy(data: Path) -> dict:
     return per_kind
 
 
-# The short run reads colours first (measured: 0.47 against 0.28 for the best picture-blind
-# answers on its 40 test pictures); the other kinds need the full build's 4500 steps.
-QUICK_MARGINS = {"colour": 0.15}
+# The short run fits in 5 minutes (one phrasing per kind, 400 steps of 8), too short for
+# many word-for-word answers (measured: colour 0.50 against 0.38 picture-blind, the other
+# kinds below it); what it must show is that the answers come from the picture: the test
+# answers' likelihood with the right picture against another picture's
+# (``build.picture_gain``), exactly equal for a model that ignores the picture. Measured:
+# mean answer NLL 0.191 with the right picture, 0.245 with another (1.28x).
+QUICK_GAIN = 1.1
 
 
 @pytest.mark.slow
 def test_short_pipeline_learns_to_read_pictures(tmp_path):
     """The short run (``build.py --quick``: under 5 minutes on 2 CPU cores: tower
-    pretraining, data, embed, 300 steps of training, fuse, evaluation) must answer
-    held-out pictures, asked in held-out phrasings, far above what a model that ignores
-    the picture can score. The baseline is the best such a model can do on these very
-    questions (``blind_accuracy``), so a picture-blind model cannot pass."""
+    pretraining, data, embed, a few hundred steps of training, fuse, evaluation) must
+    find the answers about held-out pictures likelier with the right picture than with
+    another one, by ``QUICK_GAIN``: a picture-blind model scores both
+    the same and cannot pass."""
     out, work = tmp_path / "model", tmp_path / "work"
     proc = subprocess.run(
         [
@@ -74,8 +78,11 @@ def test_short_pipeline_learns_to_read_pictures(tmp_path):
         f"short run: held-out accuracy {report['per_kind']} (all {report['accuracy']:.3f}); "
         f"picture-blind {blind}"
     )
-    for kind, margin in QUICK_MARGINS.items():
-        assert report["per_kind"][kind] >= blind[kind] + margin, (kind, report, blind)
+    nll = report["answer_nll"]
+    print(
+        f"short run: answer NLL with the right picture {nll['right']:.4f}, another {nll['other']:.4f}"
+    )
+    assert nll["other"] >= QUICK_GAIN * nll["right"], (nll, report, blind)
 
 
 def _sample_questions():
@@ -110,18 +117,8 @@ def _shapes(name: str):
     return module
 
 
-# Issue 18's goal is 0.9 for every kind. Met for colours, presence and the full
-# description; counts, places and the questions it cannot know fall short in the held-out
-# phrasings (measured when committed, on these pictures: 0.48, 0.53, 0.57): those floors
-# guard what it does, they are not the goal.
-COMMITTED_FLOORS = {
-    "colour": 0.9,
-    "shapes": 0.9,
-    "exists": 0.9,
-    "count": 0.45,
-    "place": 0.5,
-    "unknown": 0.5,
-}
+# Issue 18's goal: 0.9 for every kind of question, in phrasings held out from training.
+COMMITTED_FLOORS = dict.fromkeys(("colour", "shapes", "exists", "count", "place", "unknown"), 0.9)
 
 
 def test_committed_model_reads_new_pictures(tmp_path):
@@ -150,10 +147,10 @@ def _answers(questions):
 
 
 def test_committed_model_answers_the_samples():
-    """The committed samples (held-out phrasings): at least the 24 of 36 answers the model
+    """The committed samples (held-out phrasings): at least the 34 of 36 answers the model
     got right when it was committed."""
     right = sum(got == want for _, got, want in _answers(_sample_questions()))
-    assert right >= 24, f"{right} of {len(_sample_questions())} sample answers right"
+    assert right >= 34, f"{right} of {len(_sample_questions())} sample answers right"
 
 
 def test_committed_model_answers_a_newcomer():

@@ -187,7 +187,10 @@ def phrasings(kind: str, split: str = "train", k: str = "{k}") -> List[str]:
 
 def phrase(kind: str, split: str, k: str, rng: random.Random) -> str:
     """One phrasing: a template drawn evenly, then one of its fillings (so a template
-    with many fillings is not asked more often)."""
+    with many fillings is not asked more often). ``split="one"``: the first training
+    phrasing only (the short build's, which has no time to learn many)."""
+    if split == "one":
+        return _fill(TEMPLATES[kind]["train"][0], k)[0]
     return rng.choice(_fill(rng.choice(TEMPLATES[kind][split]), k))
 
 
