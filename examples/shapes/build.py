@@ -189,10 +189,9 @@ def picture_gain(model_dir: Path, data: Path, limit: int | None = None) -> dict:
     the picture scores both the same; one that reads it finds the right answers likelier
     with the right picture. Sharper than exact match early in training, when answers are
     not yet word for word right."""
-    import mlx.core as mx
-
     from mlx_llama3v import load
     from mlx_llama3v.generation.generate import as_messages
+    from mlx_llama3v.train.loop import token_loss
 
     model, processor = load(str(model_dir))
     tokenizer = processor.tokenizer
@@ -208,10 +207,11 @@ def picture_gain(model_dir: Path, data: Path, limit: int | None = None) -> dict:
         answer = answer + [eot]
         for which, image in (("right", rec["image"]), ("other", other[rec["image"]])):
             inputs = processor(as_messages(question), [str(data.parent / image)])
-            ids = np.concatenate([inputs.input_ids, np.array(answer[:-1])])
-            logits = model(ids[None], tiles=inputs.tiles)[0, len(inputs.input_ids) - 1 :]
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            nll[which] -= logp[mx.arange(len(answer)), mx.array(answer)].sum().item()
+            ids = np.concatenate([inputs.input_ids, answer])[None]
+            targets = np.zeros_like(ids)
+            targets[:, len(inputs.input_ids) :] = 1  # the answer's tokens, as training scores them
+            embeds = model.get_input_embeddings(ids, tiles=inputs.tiles)
+            nll[which] += token_loss(model, ids, targets, embeds).item()
         tokens += len(answer)
     return {k: v / tokens for k, v in nll.items()}
 
